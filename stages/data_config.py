@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
+from pipeline.params import ParamsError
+
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 SYNTHETIC_TASKS = ("copy", "repeat", "classify")
 
@@ -124,7 +126,9 @@ class FetchConfig:
 
 @dataclass
 class DataConfig:
-    """The `data` section: the corpus, its location and the train/val split."""
+    """The `data` section: the corpus, its location and the train/val split.
+
+    Its own checks name keys as `data.<key>`: this dataclass is that section."""
 
     source: str = "shakespeare"
     """A key of `catalog`; the corpus lands in `<raw_dir>/<source>/`."""
@@ -140,12 +144,12 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.source not in self.catalog:
             known = ", ".join(sorted(self.catalog)) or "none"
-            raise ValueError(f"source: unknown source {self.source!r} (catalog has: {known})")
+            raise ParamsError(f"data.source: unknown source {self.source!r} (catalog has: {known})")
         if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction: must be in (0, 1), got {self.val_fraction}")
+            raise ParamsError(f"data.val_fraction: must be in (0, 1), got {self.val_fraction}")
         for name in self.catalog:
             if not re.match(r"^[A-Za-z0-9_.-]+$", name) or name in (".", ".."):
-                raise ValueError(f"catalog.{name}: source names may use letters, digits, '_', '-', '.' only")
+                raise ParamsError(f"data.catalog.{name}: source names may use letters, digits, '_', '-', '.' only")
 
     @property
     def spec(self) -> SourceSpec:
