@@ -29,6 +29,7 @@ import datetime as dt
 import hashlib
 import importlib.metadata
 import json
+import logging
 import math
 import os
 import platform
@@ -45,8 +46,10 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from pipeline import tracking
 from pipeline.io import sha256_file
 from pipeline.params import PARAMS_FILE, ParamsError, load_section, read_params
+from pipeline.tracking import Tracker
 from stages import report_figures as figs
 from stages.report_render import (Badge, Block, Bullets, Figure, Heading, Note, Para, Samples,
                                   Table, to_html, to_markdown)
@@ -96,6 +99,9 @@ METRICS: dict[str, MetricSpec] = {
 REQUIRED_NUMERIC = ("step", "tokens", "wall_s", "train/loss", "val/loss", "val/ppl", "val/bpb",
                     "val/acc", "perf/tok_per_s", "perf/step_ms", "mem/peak_gib")
 CURVE_COLUMNS = ("step", "tokens", "wall_s", "train_loss", "val_loss", "lr")
+
+
+log = logging.getLogger(__name__)
 
 
 class ReportInputError(ValueError):
@@ -839,39 +845,58 @@ def write_report(inputs: Inputs, cfg: ReportConfig, root: Path) -> dict[str, Pat
             "figures": out / "figures"}
 
 
-def log_report(tracker: Any, paths: dict[str, Path]) -> None:
-    """Log the report files to the pipeline's parent MLflow run as artifacts under `report/`.
+def log_report(tracker: Tracker, paths: dict[str, Path]) -> None:
+    """Log the report files as artifacts under `report/`: to the report's own stage run and to
+    the pipeline's parent run, where a researcher opening the pipeline execution finds them.
 
-    `tracker` is the tracking interface of `pipeline.tracking` (MLflow or null);
-    only its `log_artifact(path, artifact_path)` is used.
+    `tracker` comes from `pipeline.tracking.stage_run` (MLflow or null). The tracker
+    interface logs to its own run only, so the copy on the parent goes through the
+    MLflow client of an MlflowTracker; a failure there is a warning, never an error.
     """
-    for name, path in paths.items():
-        if path.is_dir():
-            for f in sorted(path.iterdir()):
-                tracker.log_artifact(f, artifact_path=f"report/{name}")
-        else:
-            tracker.log_artifact(path, artifact_path="report")
+    for path in paths.values():
+        tracker.log_artifact(path, artifact_path=f"report/{path.name}" if path.is_dir() else "report")
+    if isinstance(tracker, tracking.MlflowTracker) and tracker.parent_run_id:
+        try:
+            for path in paths.values():
+                if path.is_dir():
+                    tracker.client.log_artifacts(tracker.parent_run_id, str(path), f"report/{path.name}")
+                else:
+                    tracker.client.log_artifact(tracker.parent_run_id, str(path), "report")
+        except Exception as e:  # noqa: BLE001 - tracking must never stop the stage
+            log.warning("could not log the report to parent run %s: %s: %s",
+                        tracker.parent_run_id, type(e).__name__, e)
 
 
-def run(root: Path = Path("."), params_file: Path | None = None) -> dict[str, Path]:
-    """Load params, validate inputs, write the report; returns the written paths."""
+def prepare(root: Path = Path("."), params_file: Path | None = None
+            ) -> tuple[ReportConfig, Inputs, dict[str, Any]]:
+    """Load the `report` params and read + validate every input (nothing is written)."""
     params_file = params_file or root / PARAMS_FILE
     params = read_params(params_file)
     cfg = load_section(ReportConfig, "report", params_file, params=params)
     grid = grid_from_params(params)
-    inputs = load_inputs(cfg, root, grid, params_file)
+    return cfg, load_inputs(cfg, root, grid, params_file), params
+
+
+def run(root: Path = Path("."), params_file: Path | None = None) -> dict[str, Path]:
+    """Validate every input, then write the report (no tracking); returns the written paths."""
+    cfg, inputs, _ = prepare(root, params_file)
     return write_report(inputs, cfg, root)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main() -> int:
     t0 = time.perf_counter()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    root = Path(".")
     try:
-        paths = run(Path("."))
+        cfg, inputs, params = prepare(root)
+        track_cfg = load_section(tracking.TrackingConfig, "tracking", params=params)
     except (ReportInputError, ParamsError) as e:
         print(f"report: error: {e}", file=sys.stderr)
         return 1
-    # TODO(tracking): log to the parent MLflow run once pipeline/tracking.py lands:
-    #   with tracking.stage_run("report") as tracker: log_report(tracker, paths)
+    manifest = root / inputs.manifest[0] if inputs.manifest else None
+    with tracking.stage_run("report", params=cfg, config=track_cfg, manifest=manifest) as tracker:
+        paths = write_report(inputs, cfg, root)
+        log_report(tracker, paths)
     print(f"report: wrote {', '.join(str(p) for p in paths.values())} in {time.perf_counter() - t0:.1f}s")
     return 0
 
