@@ -1,0 +1,869 @@
+"""Stage `pretrain@<run>`: train one named model config on the token shards.
+
+Reads:  data/tokens/{train,val}.bin + meta.json, data/tokenizer/ (paths from the
+        `tokenizer` section); params.yaml `seed`, `model`, `pc`, `train`, and
+        `runs.<run>` (an override of model/pc/train, deep-merged over them).
+Writes: models/<run>/model.safetensors + meta.json (model config, stage config,
+        step, tokens seen, git commit, tokenizer sha256)
+        metrics/pretrain/<run>.json              final metrics (flat, see below)
+        metrics/pretrain/<run>_curve.tsv         one row per evaluation (`dvc plots`)
+        metrics/pretrain/<run>_samples.json      seeded samples from fixed prompts
+        metrics/pretrain/<run>_attention.json    one head's attention on a val window
+        checkpoints/<run>/                       resumable state (scratch, not a DVC out)
+        an MLflow stage run (pipeline/tracking.py) with the final model registered
+        as `<tracking.registered_model>-<run>` (alias `tracking.model_alias`).
+Run:    python -m stages.pretrain --run baseline          (or `dvc repro pretrain@baseline`)
+        torchrun --nproc_per_node=N -m stages.pretrain --run baseline   (DDP)
+
+The core is `train(cfg, run, paths, tracker)`, importable so that the `ablate`
+stage reuses this loop with a modified config and a short schedule.
+
+The loop (per optimizer step `s`):
+  lr(s) -> for each micro-step: seeded batch, `GPT.training_step` (the one entry
+  point for bp and every PC algorithm; the loop never branches on the algorithm)
+  -> all-reduce grads (DDP) -> clip -> optimizer step -> log / eval / checkpoint.
+Everything random is a pure function of (seed, step, micro-step, rank): the
+batch sampler and the torch RNG (dropout) are re-seeded each step, so resuming
+needs only the step; RNG states are still saved and restored.
+
+Exact resume: with `train.resume: auto` a run continues from the newest intact
+checkpoint written by the same config (model, optimizer, step, tokens, best val,
+curve, RNG states). A run SIGKILLed at any point and resumed ends with weights
+bit-identical to an uninterrupted run (on CPU; tests/stages/test_pretrain.py).
+SIGTERM/SIGINT save a checkpoint, then exit with 128+signal.
+
+A NaN/inf loss stops the run (exit 3) naming the step and the last good
+checkpoint; nothing is written. Test-only: env var PCGPT_DEBUG_NAN_AT_STEP=<s>
+poisons one weight before step s to exercise this guard.
+
+DDP: gradients are all-reduced by hand in one flat buffer after the micro-steps
+(with the loss and a stop flag, so every rank agrees on NaN and on signals).
+DDP's module wrapper is not used because the loop calls `training_step`, not
+`forward`, and the PC algorithms run several forwards per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import resource
+import signal
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from model.config import GPTConfig, PCConfig
+from model.gpt import GPT
+from pipeline.io import atomic_path, write_json, write_text
+from pipeline.params import ParamsError, build, load_section, read_params, to_dict
+from stages import pretrain_ckpt as ckpt
+from stages.pretrain_data import load_shards, train_batch, unigram_bpb, val_batches
+
+ENV_DEBUG_NAN = "PCGPT_DEBUG_NAN_AT_STEP"
+VOCAB_MULTIPLE = 64
+EXIT_NONFINITE = 3
+CURVE_COLUMNS = ("step", "tokens", "wall_s", "train_loss", "val_loss", "lr")
+# Nominal dense bf16 peak per device for MFU. CPU: none is meaningful across hosts,
+# so MFU is reported as 0 there.
+PEAK_FLOPS_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+# --------------------------------------------------------------------------- config
+
+@dataclass
+class TrainConfig:
+    """The `train` section: schedule, optimizer, evaluation, checkpoints, paths."""
+
+    steps: int = 600
+    """Optimizer steps."""
+    micro_batch: int = 16
+    """Sequences per rank per micro-step (what fits in memory)."""
+    batch_tokens: int = 0
+    """Tokens per optimizer step over all ranks and micro-steps; must be a multiple of
+    micro_batch*block_size*world_size (the quotient is the gradient-accumulation count).
+    0: one micro-step per rank."""
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    """`muon`: Muon for the 2-D block matrices, AdamW for the rest (model/utils.py)."""
+    lr: float = 3e-3
+    """Peak learning rate (AdamW; Muon's own lr is scaled by make_optimizer)."""
+    min_lr_frac: float = 0.1
+    """The decay ends at lr*min_lr_frac (a floor, not zero: the last steps still learn)."""
+    warmup_steps: int = 50
+    decay: Literal["cosine", "linear"] = "cosine"
+    weight_decay: float = 0.1
+    """Decoupled weight decay on matrices and embeddings only (not gains or precisions)."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    """Clip the global grad norm to this (0 = off)."""
+    label_smoothing: float = 0.0
+    eval_every: int = 100
+    """Evaluate on the fixed val batches every this many steps (and at the end)."""
+    eval_batches: int = 8
+    """Fixed val batches of micro_batch windows, spread evenly over val.bin."""
+    log_every: int = 10
+    """Log train metrics (and check the loss is finite) every this many steps."""
+    save_every: int = 100
+    """Checkpoint every this many steps (and at the end and on SIGTERM/SIGINT)."""
+    keep_last: int = 2
+    """Checkpoints kept besides the best one."""
+    resume: Literal["auto", "never"] = "auto"
+    """`auto`: continue from the newest intact checkpoint of the same config, if any;
+    `never`: delete this run's checkpoints and start from step 0."""
+    device: str = "auto"
+    """`auto` (cuda if available, else cpu), `cpu`, `cuda`, `cuda:1`, ..."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Autocast dtype of the forward: `auto` = bfloat16 on CUDA, float32 on CPU."""
+    compile: bool = True
+    """torch.compile the model on CUDA. CPU runs never compile: at this scale the
+    compile time exceeds what it saves in a 5-minute run."""
+    threads: int = 0
+    """torch CPU threads per process (0: the cores divided by the local ranks)."""
+    deterministic: bool = False
+    """torch.use_deterministic_algorithms (slower on GPU; CPU runs are deterministic anyway)."""
+    sample_prompts: list[str] = field(default_factory=lambda: ["ROMEO:", "To be, or not"])
+    sample_tokens: int = 64
+    sample_temperature: float = 0.8
+    sample_top_k: int = 50
+    models_dir: str = "models"
+    """The final model goes to <models_dir>/<run>/."""
+    metrics_dir: str = "metrics/pretrain"
+    """<run>.json, <run>_curve.tsv, <run>_samples.json, <run>_attention.json."""
+    checkpoints_dir: str = "checkpoints"
+    """Scratch: <checkpoints_dir>/<run>/ (not a DVC out, survives `dvc repro`)."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "micro_batch", "eval_every", "eval_batches", "log_every",
+                     "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("batch_tokens", "warmup_steps", "keep_last", "threads", "sample_tokens",
+                     "sample_top_k"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr: must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_frac <= 1:
+            raise ValueError(f"min_lr_frac: must be in [0, 1], got {self.min_lr_frac}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("weight_decay, grad_clip: must be >= 0")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be in [0, 1), got {getattr(self, name)}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing: must be in [0, 1), got {self.label_smoothing}")
+        if not self.sample_temperature > 0:
+            raise ValueError(f"sample_temperature: must be > 0, got {self.sample_temperature}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"device: {self.device!r} must be auto, cpu, cuda or cuda:<n>")
+
+
+@dataclass
+class PretrainConfig:
+    """Everything one training run depends on: what `train()` takes and checkpoints hash."""
+
+    seed: int
+    model: dict[str, Any]
+    """GPTConfig fields except `vocab_size` (from the shards' meta.json) and `pc`."""
+    pc: PCConfig
+    train: TrainConfig
+
+    def gpt_config(self, vocab_size: int) -> GPTConfig:
+        """The model config for a vocabulary of `vocab_size` ids, padded up to a multiple
+        of 64 (fast matmuls on GPU; the padding ids never occur in the data, so their
+        logits are simply pushed down)."""
+        padded = -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+        return build(GPTConfig, {**self.model, "vocab_size": padded, "pc": to_dict(self.pc)},
+                     "model")
+
+
+@dataclass
+class RunPaths:
+    """Every file a run reads or writes (the one place paths are derived)."""
+
+    tokens_dir: Path
+    tokenizer_dir: Path
+    model_dir: Path
+    metrics: Path
+    curve: Path
+    samples: Path
+    attention: Path
+    checkpoints: Path
+
+    @classmethod
+    def for_run(cls, run: str, train: TrainConfig, tokens_dir: str | Path,
+                tokenizer_dir: str | Path) -> RunPaths:
+        m = Path(train.metrics_dir)
+        return cls(Path(tokens_dir), Path(tokenizer_dir), Path(train.models_dir) / run,
+                   m / f"{run}.json", m / f"{run}_curve.tsv", m / f"{run}_samples.json",
+                   m / f"{run}_attention.json", Path(train.checkpoints_dir) / run)
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(run: str, params: dict[str, Any] | None = None,
+                path: str | Path = "params.yaml") -> PretrainConfig:
+    """The config of named run `run`: sections model/pc/train with `runs.<run>` merged in.
+
+    Every key is checked before any work; errors name the key (and the run whose
+    override introduced it).
+    """
+    params = read_params(path) if params is None else params
+    runs = params.get("runs")
+    if not isinstance(runs, dict) or not runs:
+        raise ParamsError("runs: missing or empty (a mapping of run name -> override)")
+    if run not in runs:
+        raise ParamsError(f"runs.{run}: no such run (known: {', '.join(sorted(runs))})")
+    override = runs[run] or {}
+    if not isinstance(override, dict):
+        raise ParamsError(f"runs.{run}: expected a mapping of sections, got {override!r}")
+    for section, value in override.items():
+        if section not in ("model", "pc", "train"):
+            raise ParamsError(f"runs.{run}.{section}: unknown section (allowed: model, pc, train)")
+        if not isinstance(value, dict):
+            raise ParamsError(f"runs.{run}.{section}: expected a mapping, got {value!r}")
+    merged = {s: _deep_merge(params.get(s) or {}, override.get(s) or {})
+              for s in ("model", "pc", "train")}
+    seed = params.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ParamsError(f"seed: expected an integer, got {seed!r}")
+    try:
+        for key in ("vocab_size", "pc"):
+            if key in merged["model"]:
+                where = "data/tokens/meta.json" if key == "vocab_size" else "the `pc` section"
+                raise ParamsError(f"model.{key}: not a model param here (it comes from {where})")
+        cfg = PretrainConfig(seed=seed, model=merged["model"],
+                             pc=build(PCConfig, merged["pc"], "pc"),
+                             train=build(TrainConfig, merged["train"], "train"))
+        cfg.gpt_config(VOCAB_MULTIPLE)  # validates the model section now, not after loading data
+    except ParamsError as e:
+        raise ParamsError(f"{e} (params after merging runs.{run})") from e
+    return cfg
+
+
+def config_hash(cfg: PretrainConfig) -> str:
+    """sha256 of what determines the trajectory: checkpoints of another hash are not resumed.
+    Bookkeeping knobs (logging, saving, resume, samples, paths) are left out."""
+    d = to_dict(cfg)
+    for k in ("resume", "log_every", "save_every", "keep_last", "sample_prompts", "sample_tokens",
+              "sample_temperature", "sample_top_k", "models_dir", "metrics_dir", "checkpoints_dir"):
+        d["train"].pop(k)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- runtime
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or inf."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGTERM/SIGINT arrived; a checkpoint was saved."""
+
+    def __init__(self, signum: int, checkpoint: Path | None):
+        super().__init__(f"stopped by {signal.Signals(signum).name}; checkpoint: {checkpoint}")
+        self.signum, self.checkpoint = signum, checkpoint
+
+
+@dataclass
+class Runtime:
+    """Process placement: rank, world size and device (DDP when launched by torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_runtime(train: TrainConfig) -> Runtime:
+    """Pick the device; join the process group when torchrun set WORLD_SIZE > 1
+    (nccl on CUDA, gloo on CPU). Sets threads, TF32 and determinism."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    name = train.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ParamsError(f"train.device: {train.device!r} but CUDA is not available")
+    device = torch.device(f"cuda:{local_rank}" if name == "cuda" and world > 1 else name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for the fp32 matmuls outside autocast
+        torch.backends.cudnn.allow_tf32 = True
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    threads = train.threads or max(1, (os.cpu_count() or 1) // local_world)
+    torch.set_num_threads(threads)
+    if train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    return Runtime(rank, world, local_rank, device)
+
+
+def lr_at(step: int, t: TrainConfig) -> float:
+    """Linear warmup over warmup_steps, then cosine or linear decay to lr*min_lr_frac."""
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    span = max(1, t.steps - t.warmup_steps)
+    progress = min(1.0, (step - t.warmup_steps) / span)
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if t.decay == "cosine" else 1 - progress
+    return t.lr * (t.min_lr_frac + (1 - t.min_lr_frac) * shape)
+
+
+def _seed_of(*ints: int) -> int:
+    return int(np.random.SeedSequence(list(ints)).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def rng_states() -> dict[str, Any]:
+    import random
+    states = {"python": random.getstate(), "numpy": np.random.get_state(),
+              "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    import random
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def make_optimizer(model: GPT, t: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices/embeddings only; Muon via model/utils.py."""
+    try:
+        from model.utils import make_optimizer as model_make_optimizer
+    except ImportError:
+        model_make_optimizer = None
+    if model_make_optimizer is not None:
+        return model_make_optimizer(model, kind=t.optimizer, lr=t.lr, weight_decay=t.weight_decay,
+                                    betas=(t.beta1, t.beta2))
+    if t.optimizer != "adamw":
+        raise ParamsError("train.optimizer: 'muon' needs model/utils.py make_optimizer")
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=t.lr, betas=(t.beta1, t.beta2), fused=False)
+
+
+def flops_per_token(config: GPTConfig) -> float:
+    """Training FLOPs per token (6N + attention), from model/utils.py when present."""
+    try:
+        from model.utils import flops_per_token as f
+        return float(f(config))
+    except ImportError:
+        n = config.n_layer * 12 * config.n_embd ** 2 + config.n_embd * config.vocab_size
+        return 6 * n + 12 * config.n_layer * config.n_embd * config.block_size
+
+
+def peak_flops(device: torch.device) -> float:
+    """Peak bf16 FLOP/s of one device (0 where unknown: CPU, unlisted GPUs)."""
+    if device.type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS_BF16.items() if k in name), 0.0)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak CUDA memory allocated, or the process's peak resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate(model: GPT, batches, rt: Runtime, autocast, bytes_per_token: float) -> dict[str, float]:
+    """val/loss, val/ppl, val/bpb, val/acc over the fixed val batches (summed over ranks)."""
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=rt.device)  # loss*n, correct, n
+    for x, y in batches:
+        x, y = x.to(rt.device), y.to(rt.device)
+        with autocast:
+            logits, loss = model(x, y)
+        n = y.numel()
+        sums += torch.tensor([loss.item() * n, (logits.argmax(-1) == y).sum().item(), n],
+                             dtype=torch.float64, device=rt.device)
+    if rt.world > 1:
+        dist.all_reduce(sums)
+    model.train()
+    loss = (sums[0] / sums[2]).item()
+    return {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0)),
+            "val/bpb": loss / math.log(2) / bytes_per_token, "val/acc": (sums[1] / sums[2]).item()}
+
+
+@torch.no_grad()
+def attention_map(model: GPT, x: torch.Tensor, layer: int = 0, head: int = 0) -> list[list[float]]:
+    """Attention probabilities (query rows) of one head on one window, for any kernel.
+
+    The block's own `attend(q, k, v)` is called with v = identity: its output
+    Σ_j p_ij v_j is then exactly the probability row p_i.
+    """
+    attn = model.blocks[layer].attn
+    captured = {}
+    original = attn.attend
+
+    def spy(q, k, v):
+        captured["q"], captured["k"] = q, k
+        return original(q, k, v)
+
+    attn.attend = spy
+    try:
+        model.eval()
+        model(x)
+    finally:
+        attn.attend = original
+        model.train()
+    q, k = captured["q"], captured["k"]
+    S = k.shape[-2]
+    eye = torch.eye(S, dtype=q.dtype, device=q.device).expand(k.shape[0], k.shape[1], S, S)
+    probs = original(q, k, eye.contiguous())  # (B, H, T, S)
+    return probs[0, head].float().tolist()
+
+
+def generate_samples(model: GPT, tokenizer, t: TrainConfig, seed: int, device) -> list[dict[str, str]]:
+    """Completions of the fixed prompts, sampled with a seeded generator (same seed, same text)."""
+    prompts = [[tokenizer.bos_id, *tokenizer.encode(p)] for p in t.sample_prompts]
+    gen = torch.Generator(device=device).manual_seed(seed)
+    model.eval()
+    out = sample(model, prompts, max_new_tokens=t.sample_tokens, temperature=t.sample_temperature,
+                 top_k=t.sample_top_k or None, generator=gen)
+    model.train()
+    return [{"prompt": p, "completion": tokenizer.decode(ids)} for p, ids in zip(t.sample_prompts, out)]
+
+
+def sample(model: GPT, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
+           top_k: int | None, generator: torch.Generator) -> list[list[int]]:
+    """New token ids for each prompt: model/generate.py's `generate` when present."""
+    try:
+        from model.generate import generate
+    except ImportError:
+        generate = None
+    if generate is not None:
+        return generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                        top_k=top_k, generator=generator)
+    device = model.lm_head.weight.device
+    out = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = torch.tensor([p], device=device)
+            for _ in range(max_new_tokens):
+                logits, _ = model(ids[:, -model.config.block_size:])
+                logits = logits[:, -1].float() / temperature
+                if top_k:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
+                ids = torch.cat([ids, nxt], 1)
+            out.append(ids[0, len(p):].tolist())
+    return out
+
+
+# --------------------------------------------------------------------------- outputs
+
+def save_model(model: GPT, meta: dict[str, Any], model_dir: Path) -> None:
+    """model.safetensors + meta.json, each written atomically."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(model_dir / "model.safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    write_json(model_dir / "meta.json", meta)
+
+
+def write_curve(path: Path, rows: list[dict[str, float]]) -> None:
+    lines = ["\t".join(CURVE_COLUMNS)]
+    for r in rows:
+        lines.append("\t".join(f"{r[c]:.6g}" if isinstance(r[c], float) else str(r[c])
+                               for c in CURVE_COLUMNS))
+    write_text(path, "\n".join(lines) + "\n")
+
+
+def diagnostics_metrics(diag: dict[str, torch.Tensor]) -> dict[str, float]:
+    """training_step diagnostics as flat floats: 0-d tensors as-is, 1-d as `<key>/<i>`,
+    2-d as `<key>/<i>/<j>` (e.g. attn/precision/<layer>/<head>)."""
+    out: dict[str, float] = {}
+    for k, v in diag.items():
+        v = torch.as_tensor(v).detach().float().cpu()
+        if v.dim() == 0:
+            out[k] = v.item()
+        elif v.dim() == 1:
+            out.update({f"{k}/{i}": x for i, x in enumerate(v.tolist())})
+        elif v.dim() == 2:
+            out.update({f"{k}/{i}/{j}": x for i, row in enumerate(v.tolist()) for j, x in enumerate(row)})
+    return out
+
+
+# --------------------------------------------------------------------------- training
+
+def train(cfg: PretrainConfig, run: str, paths: RunPaths, tracker=None, *,
+          tokenizer=None, progress: bool = True) -> dict[str, Any]:
+    """Train `cfg` as run `run`, write every output in `paths`, return the final metrics.
+
+    tracker: a pipeline.tracking Tracker (None: the null tracker). Only rank 0
+    logs and writes. Raises NonFiniteLoss on a NaN/inf loss and
+    TrainingInterrupted after SIGTERM/SIGINT (a checkpoint saved first).
+    """
+    from pipeline.tracking import NullTracker
+
+    tracker = tracker or NullTracker()
+    t = cfg.train
+    rt = setup_runtime(t)
+    wall0 = time.perf_counter()
+    shards = load_shards(paths.tokens_dir, int(cfg.model.get("block_size", GPTConfig.block_size)))
+    gcfg = cfg.gpt_config(shards.vocab_size)
+    T = gcfg.block_size
+    per_micro = t.micro_batch * T * rt.world
+    if t.batch_tokens % per_micro:
+        raise ParamsError(f"train.batch_tokens={t.batch_tokens}: must be a multiple of "
+                          f"micro_batch*block_size*world_size={per_micro}")
+    accum = max(1, t.batch_tokens // per_micro)
+    step_tokens = accum * per_micro
+    if tokenizer is None and rt.is_main:
+        from stages.tokenizer import load_tokenizer
+        tokenizer = load_tokenizer(paths.tokenizer_dir)
+
+    torch.manual_seed(cfg.seed)
+    model = GPT(gcfg).to(rt.device)
+    optimizer = make_optimizer(model, t)
+    chash = config_hash(cfg)
+    state = {"step": 0, "tokens": 0, "best_val": float("inf"), "curve": [], "wall_s": 0.0,
+             "last": {}}
+    if t.resume == "never":
+        if rt.is_main:
+            ckpt.clear(paths.checkpoints)
+    else:
+        info = ckpt.latest(paths.checkpoints, chash)
+        if info is not None:
+            saved = ckpt.load(info)
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            set_rng_states(saved["rng"])
+            state = saved["state"]
+            if rt.is_main:
+                print(f"pretrain@{run}: resumed from {info.path} (step {state['step']})",
+                      file=sys.stderr)
+    if rt.world > 1:
+        for p in model.state_dict().values():
+            dist.broadcast(p, 0)
+    if rt.device.type == "cuda" and t.compile:
+        model.compile()
+    amp_dtype = {"auto": torch.bfloat16 if rt.device.type == "cuda" else None,
+                 "float32": None, "bfloat16": torch.bfloat16}[t.dtype]
+    autocast = (torch.autocast(rt.device.type, dtype=amp_dtype) if amp_dtype else nullcontext())
+    val = val_batches(shards.val, n_batches=t.eval_batches, batch_size=t.micro_batch,
+                      block_size=T, rank=rt.rank, world_size=rt.world)
+    unigram = unigram_bpb(shards.train, shards.val, shards.vocab_size, shards.bytes_per_token_val)
+    n_params = model.num_params()
+    fpt = flops_per_token(gcfg)
+    peak = peak_flops(rt.device) * rt.world
+    params_list = [p for p in model.parameters() if p.requires_grad]
+    debug_nan = int(os.environ.get(ENV_DEBUG_NAN, "-1"))
+    device_name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "cpu"
+
+    stop = {"signum": 0}
+    def on_signal(signum, _frame):
+        if stop["signum"]:  # second signal: stop now
+            raise KeyboardInterrupt
+        stop["signum"] = signum
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def checkpoint(val_loss: float | None) -> Path | None:
+        if not rt.is_main:
+            return None
+        path = ckpt.save(paths.checkpoints, state["step"], {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "rng": rng_states(), "state": state, "config": to_dict(cfg)},
+            val_loss=val_loss, config_hash=chash)
+        ckpt.rotate(paths.checkpoints, t.keep_last)
+        return path
+
+    last_ckpt = (ckpt.latest(paths.checkpoints, chash) or ckpt.CheckpointInfo(0, None, None, "")).path
+    pending: list[tuple[int, torch.Tensor]] = []  # (step, loss) not yet checked for finiteness
+    timed = {"s": 0.0, "steps": 0}  # train time of logged intervals after the first
+    interval = {"t0": time.perf_counter(), "steps": 0, "first": True}
+    diag: dict[str, torch.Tensor] = {}
+    last_val = state["last"].get("val/loss")
+    bar = None
+    if rt.is_main and progress:
+        from tqdm import tqdm
+        bar = tqdm(total=t.steps, initial=state["step"], desc=f"pretrain@{run}", unit="step",
+                   dynamic_ncols=True, mininterval=1.0)
+    session_t0 = time.perf_counter()
+    wall_before = state["wall_s"]
+
+    def check_finite() -> float:
+        """Mean of the pending losses; raise NonFiniteLoss naming the first bad step."""
+        if not pending:
+            return float("nan")
+        losses = torch.stack([l for _, l in pending]).float().cpu()
+        bad = (~torch.isfinite(losses)).nonzero()
+        if len(bad):
+            s = pending[int(bad[0])][0]
+            raise NonFiniteLoss(f"pretrain@{run}: loss is {losses[int(bad[0])].item()} at step {s}; "
+                                f"stopped, nothing written. Last good checkpoint: "
+                                f"{last_ckpt or 'none'} (resume from it with train.resume: auto "
+                                "after lowering train.lr or raising warmup)")
+        mean = losses.mean().item()
+        pending.clear()
+        return mean
+
+    try:
+        model.train()
+        while state["step"] < t.steps:
+            step = state["step"]
+            lr = lr_at(step, t)
+            for g in optimizer.param_groups:
+                g["lr"] = lr * g.get("lr_scale", 1.0)
+            torch.manual_seed(_seed_of(cfg.seed, step, rt.rank))  # dropout etc.: a function of the step
+            if step == debug_nan:
+                with torch.no_grad():
+                    model.lm_head.weight.view(-1)[0] = float("nan")
+            loss_sum = torch.zeros((), device=rt.device)
+            for micro in range(accum):
+                x, y = train_batch(shards.train, seed=cfg.seed, step=step, micro_step=micro,
+                                   rank=rt.rank, batch_size=t.micro_batch, block_size=T)
+                x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+                with autocast:
+                    loss, diag = model.training_step(x, y, grad_scale=1.0 / accum,
+                                                     label_smoothing=t.label_smoothing,
+                                                     optimizer=optimizer)
+                loss_sum += loss.float()
+            loss = loss_sum / accum
+            if rt.world > 1:
+                loss, stopped = _all_reduce_grads(params_list, loss, stop["signum"], rt)
+                stop_now = stopped
+            else:
+                stop_now = bool(stop["signum"])
+            if t.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params_list, t.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] = step = step + 1
+            state["tokens"] += step_tokens
+            pending.append((step - 1, loss.detach()))
+            interval["steps"] += 1
+
+            is_last = step == t.steps
+            do_eval = step % t.eval_every == 0 or is_last
+            do_save = step % t.save_every == 0 or is_last or stop_now
+            if step % t.log_every == 0 or do_eval or do_save:
+                _sync(rt.device)
+                now = time.perf_counter()
+                train_loss = check_finite()
+                dt, n = now - interval["t0"], interval["steps"]
+                if not interval["first"]:  # the first interval holds warm-up / compilation
+                    timed["s"] += dt
+                    timed["steps"] += n
+                interval["first"] = False
+                step_s = dt / max(n, 1)
+                tok_s = step_tokens / step_s
+                state["wall_s"] = wall_before + (now - session_t0)
+                metrics = {"train/loss": train_loss, "lr": lr, "perf/step_ms": step_s * 1e3,
+                           "perf/tok_per_s": tok_s,
+                           "perf/mfu_pct": 100 * fpt * tok_s / peak if peak else 0.0,
+                           "tokens": state["tokens"]}
+                state["last"].update(metrics)
+                if rt.is_main:
+                    tracker.log_metrics({**metrics, **_scalar_diag(diag)}, step=step)
+                if bar is not None:
+                    bar.update(step - bar.n)
+                    bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+                if do_eval:
+                    ev = evaluate(model, val, rt, autocast, shards.bytes_per_token_val)
+                    last_val = ev["val/loss"]
+                    state["best_val"] = min(state["best_val"], last_val)
+                    state["last"].update(ev)
+                    state["curve"].append({"step": step, "tokens": state["tokens"],
+                                           "wall_s": round(state["wall_s"], 3),
+                                           "train_loss": train_loss, "val_loss": last_val, "lr": lr})
+                    if rt.is_main:
+                        tracker.log_metrics(ev, step=step)
+                        if bar is not None:
+                            bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{last_val:.3f}",
+                                            tok_s=f"{tok_s:,.0f}", refresh=False)
+                if do_save:
+                    last_ckpt = checkpoint(last_val) or last_ckpt
+                if stop_now:
+                    raise TrainingInterrupted(stop["signum"] or signal.SIGTERM, last_ckpt)
+                interval.update(t0=time.perf_counter(), steps=0)
+    finally:
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        if bar is not None:
+            bar.close()
+
+    # ---- final outputs (rank 0) -----------------------------------------------------
+    if "val/loss" not in state["last"]:  # resumed at the very end of a finished run
+        state["last"].update(evaluate(model, val, rt, autocast, shards.bytes_per_token_val))
+    last = state["last"]
+    if timed["steps"]:
+        step_s = timed["s"] / timed["steps"]
+        last.update({"perf/step_ms": step_s * 1e3, "perf/tok_per_s": step_tokens / step_s,
+                     "perf/mfu_pct": 100 * fpt * step_tokens / step_s / peak if peak else 0.0})
+    final = {"run": run, "step": state["step"], "tokens": state["tokens"],
+             "wall_s": round(wall_before + time.perf_counter() - session_t0, 3),
+             **{k: last[k] for k in ("train/loss", "val/loss", "val/ppl", "val/bpb", "val/acc",
+                                     "perf/tok_per_s", "perf/mfu_pct", "perf/step_ms") if k in last},
+             "val/unigram_bpb": unigram, "mem/peak_gib": peak_memory_gib(rt.device),
+             "device": device_name, "n_params": n_params,
+             **diagnostics_metrics(diag)}
+    if rt.is_main:
+        _write_outputs(model, cfg, gcfg, run, paths, tracker, tokenizer, shards, state, final, val)
+    if rt.world > 1:
+        dist.barrier()
+    return final
+
+
+def _scalar_diag(diag: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """0-d diagnostics only, left as tensors: the tracker converts them off the hot path."""
+    return {k: v for k, v in diag.items() if torch.is_tensor(v) and v.dim() == 0}
+
+
+def _all_reduce_grads(params: list[torch.Tensor], loss: torch.Tensor, signum: int,
+                      rt: Runtime) -> tuple[torch.Tensor, bool]:
+    """Average grads, loss and the stop flag over ranks in one flat all-reduce."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads] +
+                     [loss.reshape(1).float(), torch.tensor([float(signum > 0)], device=rt.device)])
+    dist.all_reduce(flat)
+    flat /= rt.world
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(g).to(g.dtype)
+        offset += n
+    return flat[-2], bool(flat[-1].item() > 0)
+
+
+def _write_outputs(model, cfg, gcfg, run, paths: RunPaths, tracker, tokenizer, shards,
+                   state, final, val) -> None:
+    from pipeline.provenance import git_state
+    from pipeline.tracking import default_pip_requirements
+
+    git = git_state()
+    meta = {"run": run, "model": to_dict(gcfg), "stage": to_dict(cfg), "step": state["step"],
+            "tokens": state["tokens"], "git_commit": git["commit"], "git_dirty": git["dirty"],
+            "tokenizer_sha256": shards.meta.get("tokenizer_sha256"),
+            "vocab_size_data": shards.vocab_size, "n_params": final["n_params"]}
+    save_model(model, meta, paths.model_dir)
+    write_curve(paths.curve, state["curve"])
+    samples = generate_samples(model, tokenizer, cfg.train, cfg.seed, model.lm_head.weight.device)
+    write_json(paths.samples, samples)
+    x = val[0][0][:1].to(model.lm_head.weight.device)
+    write_json(paths.attention, {
+        "layer": 0, "head": 0, "kernel": gcfg.attention.kernel,
+        "tokens": [tokenizer.decode([i]) for i in x[0].tolist()],
+        "weights": attention_map(model, x)})
+    write_json(paths.metrics, final)
+    tracker.log_metrics({k: v for k, v in final.items() if isinstance(v, (int, float))
+                         and not isinstance(v, bool)}, step=state["step"])
+    for p in (paths.model_dir / "meta.json", paths.metrics, paths.curve, paths.samples,
+              paths.attention):
+        tracker.log_artifact(p)
+    from stages.pretrain_pyfunc import GPTGenerator, signature
+    tracker.log_pyfunc_model(
+        GPTGenerator(), artifacts={"model_dir": str(paths.model_dir),
+                                   "tokenizer_dir": str(paths.tokenizer_dir)},
+        name="model", registered_name=f"{_registered_base()}-{run}",
+        alias=_alias(), code_paths=_code_paths(),
+        pip_requirements=default_pip_requirements(), signature=signature())
+
+
+# --------------------------------------------------------------------------- main
+
+def _tracking_config():
+    from pipeline.tracking import TrackingConfig
+    return load_section(TrackingConfig, "tracking")
+
+
+def _registered_base() -> str:
+    return _tracking_config().registered_model
+
+
+def _alias() -> str:
+    return _tracking_config().model_alias
+
+
+def _code_paths() -> list[str]:
+    """The packages the logged model imports (model/, stages/ for the tokenizer and the wrapper, pipeline/)."""
+    root = Path(__file__).resolve().parents[1]
+    return [str(root / "model"), str(root / "stages"), str(root / "pipeline")]
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m stages.pretrain", description=__doc__.splitlines()[0])
+    ap.add_argument("--run", required=True, help="a key of params.yaml `runs` (baseline, pcgpt, ...)")
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args(argv)
+    from pipeline import tracking
+    from stages.tokenizer import TokenizerConfig
+    try:
+        params = read_params(args.params)
+        cfg = load_config(args.run, params)
+        tok = load_section(TokenizerConfig, "tokenizer", params=params)
+        tcfg = load_section(tracking.TrackingConfig, "tracking", params=params)
+    except ParamsError as e:
+        sys.exit(f"pretrain: error: {e}")
+    paths = RunPaths.for_run(args.run, cfg.train, tok.tokens_dir, tok.dir)
+    rank = int(os.environ.get("RANK", "0"))
+    stage = f"pretrain@{args.run}"
+    tracked = (tracking.stage_run(stage, params=cfg, config=tcfg,
+                                  tags={"pcgpt.run": args.run, "pc.algorithm": cfg.pc.algorithm,
+                                        "attention.kernel": cfg.gpt_config(64).attention.kernel})
+               if rank == 0 else nullcontext(tracking.NullTracker()))
+    try:
+        with tracked as tracker:
+            metrics = train(cfg, args.run, paths, tracker)
+    except NonFiniteLoss as e:
+        print(f"pretrain: error: {e}", file=sys.stderr)
+        sys.exit(EXIT_NONFINITE)
+    except TrainingInterrupted as e:
+        print(f"pretrain: {e}", file=sys.stderr)
+        sys.exit(128 + e.signum)
+    except (ParamsError, FileNotFoundError) as e:
+        sys.exit(f"pretrain: error: {e}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if rank == 0:
+        print(f"pretrain@{args.run}: step {metrics['step']}, val/bpb {metrics['val/bpb']:.3f} "
+              f"(unigram {metrics['val/unigram_bpb']:.3f}), {metrics['perf/tok_per_s']:,.0f} tok/s, "
+              f"{metrics['wall_s']:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""The MLflow pyfunc wrapper of a pretrained model: prompt strings in, completions out.
+
+Logged by the `pretrain` stage with two artifacts, `model_dir` (model.safetensors
++ meta.json) and `tokenizer_dir` (data/tokenizer/), and with `model/` and
+`stages/` as code paths. Load it back and generate:
+
+    import mlflow
+    m = mlflow.pyfunc.load_model("models:/pcgpt-baseline@latest")
+    m.predict(["ROMEO:"], params={"max_new_tokens": 32, "temperature": 0.8, "seed": 0})
+    # -> ["ROMEO:<completion>"]
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+import mlflow.pyfunc
+
+DEFAULT_PARAMS = {"max_new_tokens": 64, "temperature": 0.8, "top_k": 50, "seed": 0}
+
+
+def signature():
+    """Input: a column of prompt strings; output: one completion string each; params above."""
+    import pandas as pd
+    from mlflow.models import infer_signature
+
+    return infer_signature(pd.DataFrame({"prompt": ["ROMEO:"]}), ["ROMEO: ..."],
+                           params=DEFAULT_PARAMS)
+
+
+class GPTGenerator(mlflow.pyfunc.PythonModel):
+    """Loads model.safetensors + meta.json + the tokenizer; predict() returns prompt + completion."""
+
+    def load_context(self, context) -> None:
+        import torch
+        from safetensors.torch import load_file
+
+        from model.config import GPTConfig
+        from model.gpt import GPT
+        from stages.tokenizer import load_tokenizer
+
+        model_dir = Path(context.artifacts["model_dir"])
+        meta = json.loads((model_dir / "meta.json").read_text(encoding="utf-8"))
+        self.model = GPT(GPTConfig(**meta["model"]))
+        self.model.load_state_dict(load_file(str(model_dir / "model.safetensors")))
+        self.model.eval()
+        self.tokenizer = load_tokenizer(context.artifacts["tokenizer_dir"])
+        torch.set_grad_enabled(False)
+
+    def predict(self, context, model_input, params=None):  # no type hints: MLflow would
+        # validate inputs against them; the signature() above does that instead
+        import torch
+
+        from stages.pretrain import sample
+
+        p = {**DEFAULT_PARAMS, **(params or {})}
+        if hasattr(model_input, "columns"):  # a DataFrame: the `prompt` column (or the first)
+            col = "prompt" if "prompt" in model_input.columns else model_input.columns[0]
+            prompts = [str(v) for v in model_input[col]]
+        elif isinstance(model_input, str):
+            prompts = [model_input]
+        else:
+            prompts = [str(v) for v in model_input]
+        tok = self.tokenizer
+        ids = [[tok.bos_id, *tok.encode(s)] for s in prompts]
+        gen = torch.Generator().manual_seed(int(p["seed"]))
+        out = sample(self.model, ids, max_new_tokens=int(p["max_new_tokens"]),
+                     temperature=float(p["temperature"]), top_k=int(p["top_k"]) or None,
+                     generator=gen)
+        return [s + tok.decode(o) for s, o in zip(prompts, out)]
