@@ -1,16 +1,69 @@
-"""Causal self-attention with rotary embeddings, QK-norm and GQA.
+"""Precision-weighted causal self-attention (DESIGN §3), with RoPE, QK-norm and GQA.
 
-Spine version: the `dot` kernel through `F.scaled_dot_product_attention`.
-The precision-weighted kernels (DESIGN §3) plug in at `attend()`.
+Each head scores key j for query i by the log-likelihood of the query under a
+distribution centred on the key, with precision λ (inverse variance) and
+d² = ‖q_i − k_j‖²:
+
+    dot        ℓ = λ q·k                      (λ = 1/√D fixed: ordinary attention)
+    gaussian   ℓ = −(λ/2) d²
+    student_t  ℓ = −((ν+D)/2) log(1 + λ d²/ν)  ν learned per head, ν = softplus(·) > 0
+    laplace    ℓ = −√(λ d² + ε)
+    mixture    ℓ = log Σ_c π_c N(q; k, λ_c⁻¹ I) = logsumexp_c [log π_c + (D/2) log λ_c − (λ_c/2) d²]
+
+Precision modes: `fixed` λ = 1/√D (mixture: λ_c = 4^(c − (C−1)/2)/√D, uniform π;
+no learnable parameter), `head` a learned log-precision per head (and per
+component), `token` λ_i = exp(w·x_i + b_h) from a zero-initialised projection
+of the query token (so it starts equal to `head`). Every λ is clamped to
+[attention.precision_min, attention.precision_max]; ν to [NU_MIN, NU_MAX].
+The clamps are hard (zero gradient outside): they bound the kernels, they are
+not a prior.
+
+How each kernel runs (`attention(..., impl="auto")`):
+- `dot`: F.scaled_dot_product_attention (flash on GPU).
+- `gaussian`: SDPA on augmented q' = [λq, −λ/2], k' = [k, ‖k‖²], scale 1: the raw
+  score is λq·k − (λ/2)‖k‖², which differs from −(λ/2)d² by −(λ/2)‖q‖², constant
+  over keys, so the softmax is the same.
+- `student_t`, `laplace`: q' = [2βq, −β‖q‖², −β], k' = [k, 1, ‖k‖²] make the raw
+  score −βd² (β = λ/ν resp. λ); a pointwise `score_mod` turns it into ℓ. On CUDA
+  this runs fused in FlexAttention (compiled); on CPU the exact reference below
+  is the path (`impl="dense"` materialises the same augmentation + score_mod, and
+  is what the CPU tests check the fused formula with).
+- `mixture`: SDPA over C×keys: block-diagonal q' = ⊕_c [λ_c q, −λ_c/2, b_c],
+  k'_(c,j) = e_c ⊗ [k_j, ‖k_j‖², 1], values repeated C times, with the per-query
+  bias b_c = −(λ_c/2)‖q‖² + (D/2) log λ_c + log π_c (the ‖q‖² term does not cancel
+  across components). Softmax over (j, c) summed over c is the mixture's softmax.
+Augmented head dims are zero-padded to a multiple of 8 (SDPA) or 16 (Flex)
+so the fused kernels accept them; zero columns change nothing.
+
+Attention settling (`attention.settle_steps`): before the output is taken, the
+queries move toward the keys that explain them, q ← q + rate·(Σ_j a_ij k_j − q),
+with a_ij ∝ p_ij w_ij, w_ij = −∂ℓ_ij/∂q / (λ(q − k_j)) — the EM / mean-shift
+(IRLS for student_t and laplace, Hopfield retrieval for dot: Ramsauer et al.
+2020) fixed-point step of the energy E(q) = −log Σ_j exp ℓ_ij. The target is an
+attention with values = keys and score ℓ + log w, so it runs on the same fast
+paths. Each query only sees keys j ≤ i, which do not depend on the queries, so
+with a KV cache (past keys and values frozen) only the new queries move and
+cached generation equals uncached generation.
 """
 
 from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import GPTConfig
+
+NU_MIN, NU_MAX = 0.1, 1e4
+"""Clamp of Student-t's ν: below 0.1 the tails are so heavy every key looks alike;
+above 1e4 the kernel equals the Gaussian to float precision."""
+MIXTURE_SPREAD = 4.0
+"""`mixture` components start at precisions 1/√D · 4^(c − (C−1)/2): one sharp and one
+broad kernel for C=2, so the components differ from step 0."""
 
 
 def rotary_tables(seq_len: int, head_dim: int, base: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,10 +82,255 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
+# -- the kernels as functions of (q, k, v, precision) ----------------------------------------
+
+@dataclass
+class KernelParams:
+    """What a kernel needs besides q, k, v (all fp32, already clamped).
+
+    lam: precision λ, shape (B|1, H|1, T|1, C) with C = 1 except for `mixture`
+      (for `dot`, λ is the scale of q·k).
+    nu: Student-t degrees of freedom, (H,).
+    log_mix: mixture log-weights log π_c, (H, C) (None = uniform).
+    eps: Laplace's ε.
+    """
+
+    kernel: str
+    lam: torch.Tensor
+    nu: torch.Tensor | None = None
+    log_mix: torch.Tensor | None = None
+    eps: float = 1e-6
+    fixed_scale: float | None = None
+    """`dot` with fixed precision: λ as a Python float, so SDPA takes it as its scale."""
+
+
+def causal_mask(T: int, S: int, device=None) -> torch.Tensor:
+    """(T, S) bool, True where query i (at position S−T+i) may attend to key j."""
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
+
+
+def _pad_last(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    extra = -x.shape[-1] % multiple
+    return F.pad(x, (0, extra)) if extra else x
+
+
+def _expand_kv(x: torch.Tensor, n_head: int) -> torch.Tensor:
+    """(B, Hkv, S, D) -> (B, H, S, D): query head h uses kv head h // (H/Hkv), as SDPA's enable_gqa."""
+    return x if x.shape[1] == n_head else x.repeat_interleave(n_head // x.shape[1], dim=1)
+
+
+def _log_mix(p: KernelParams, H: int, C: int, device) -> torch.Tensor:
+    """log π as (1, H, 1, C)."""
+    if p.log_mix is None:
+        return torch.full((1, 1, 1, C), -math.log(C), device=device)
+    return p.log_mix.view(1, H, 1, C)
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: KernelParams,
+                        mask: torch.Tensor | None = None, settle: bool = False) -> torch.Tensor:
+    """The definition: explicit (T × S) scores from d² = ‖q − k‖² computed by differences.
+
+    q (B, H, T, D), k/v (B, Hkv, S, D); the T queries are the last T positions.
+    `mask` (B|1, 1, T, S) bool replaces the causal mask when given. `settle=True`
+    returns the settling target (score ℓ + log w, values = whatever v is passed).
+    O(T·S) memory: the CPU path of student_t/laplace and the tests' ground truth.
+    """
+    B, H, T, D = q.shape
+    S = k.shape[-2]
+    k, v = _expand_kv(k, H), _expand_kv(v, H)
+    qf, kf, lam = q.float(), k.float(), p.lam
+    if p.kernel == "dot":
+        s = (qf @ kf.transpose(-2, -1)) * lam[..., :1]
+    else:
+        d2 = torch.cdist(qf, kf, compute_mode="donot_use_mm_for_euclid_dist").square()  # (B, H, T, S)
+        if p.kernel == "gaussian":
+            s = -0.5 * lam[..., :1] * d2
+        elif p.kernel == "student_t":
+            nu = p.nu.view(1, H, 1, 1)
+            alpha = (nu + D) / 2 + (1.0 if settle else 0.0)
+            s = -alpha * torch.log1p(lam[..., :1] * d2 / nu)
+        elif p.kernel == "laplace":
+            u = lam[..., :1] * d2 + p.eps
+            s = -u.sqrt() - (0.5 * u.log() if settle else 0.0)
+        elif p.kernel == "mixture":
+            C = lam.shape[-1]
+            lam_c = lam.unsqueeze(-2)                                     # (B|1, H|1, T|1, 1, C)
+            s_c = (_log_mix(p, H, C, q.device).unsqueeze(-2) + 0.5 * D * lam_c.log()
+                   - 0.5 * lam_c * d2.unsqueeze(-1))                      # (B, H, T, S, C)
+            if settle:
+                s_c = s_c + lam_c.log()
+            s = s_c.logsumexp(-1)
+        else:
+            raise ValueError(f"attention.kernel={p.kernel!r}: unknown")
+    allowed = causal_mask(T, S, q.device) if mask is None else mask
+    s = s.masked_fill(~allowed, float("-inf"))
+    return (s.softmax(-1).to(v.dtype) @ v).to(q.dtype)
+
+
+def _sdpa(qa: torch.Tensor, ka: torch.Tensor, va: torch.Tensor, mask: torch.Tensor | None,
+          scale: float | None) -> torch.Tensor:
+    T, S = qa.shape[-2], ka.shape[-2]
+    gqa = qa.shape[1] != ka.shape[1]
+    if mask is None and T == S:
+        return F.scaled_dot_product_attention(qa, ka, va, is_causal=True, scale=scale, enable_gqa=gqa)
+    if mask is None:
+        mask = causal_mask(T, S, qa.device)
+    return F.scaled_dot_product_attention(qa, ka, va, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+def _dot(q, k, v, p: KernelParams, mask, settle: bool) -> torch.Tensor:
+    # Plain dot (fixed λ = 1/√D) keeps SDPA's own scaling so the flash path is untouched.
+    if p.fixed_scale is not None:
+        return _sdpa(q, k, v, mask, scale=p.fixed_scale)
+    return _sdpa(q * p.lam.to(q.dtype), k, v, mask, scale=1.0)
+
+
+def _gaussian(q, k, v, p: KernelParams, mask, settle: bool) -> torch.Tensor:
+    lam = p.lam.to(q.dtype)
+    qa = torch.cat([q * lam, (-0.5 * lam).expand(*q.shape[:-1], 1)], dim=-1)         # (B, H, T, D+1)
+    ka = torch.cat([k, k.float().square().sum(-1, keepdim=True).to(k.dtype)], dim=-1)  # (B, Hkv, S, D+1)
+    qa, ka = _pad_last(qa, 8), _pad_last(ka, 8)
+    va = F.pad(v, (0, qa.shape[-1] - v.shape[-1]))  # equal head dims keep flash eligible
+    return _sdpa(qa, ka, va, mask, scale=1.0)[..., :v.shape[-1]]
+
+
+def _mixture(q, k, v, p: KernelParams, mask, settle: bool) -> torch.Tensor:
+    B, H, T, D = q.shape
+    S, C = k.shape[-2], p.lam.shape[-1]
+    lam = p.lam                                                                  # (B|1, H|1, T|1, C)
+    bias = (-0.5 * lam * q.float().square().sum(-1, keepdim=True) + 0.5 * D * lam.log()
+            + _log_mix(p, H, C, q.device))
+    if settle:
+        bias = bias + lam.log()
+    lam, bias = lam.to(q.dtype), bias.to(q.dtype)
+    qa = torch.cat([q.unsqueeze(-2) * lam.unsqueeze(-1),                          # (B, H, T, C, D)
+                    (-0.5 * lam).expand(B, H, T, C).unsqueeze(-1),
+                    bias.unsqueeze(-1)], dim=-1).flatten(-2)                      # (B, H, T, C(D+2))
+    base = torch.cat([k, k.float().square().sum(-1, keepdim=True).to(k.dtype),
+                      torch.ones_like(k[..., :1])], dim=-1)                      # (B, Hkv, S, D+2)
+    eye = torch.eye(C, dtype=k.dtype, device=k.device)
+    ka = torch.einsum("bhsd,ce->bhcsed", base, eye).flatten(-2).flatten(2, 3)    # (B, Hkv, C·S, C(D+2))
+    va = v.repeat(1, 1, C, 1)                                                    # (B, Hkv, C·S, D)
+    allowed = causal_mask(T, S, q.device) if mask is None else mask
+    allowed = allowed.repeat(*([1] * (allowed.dim() - 1)), C)                    # (…, T, C·S)
+    qa, ka = _pad_last(qa, 8), _pad_last(ka, 8)
+    va = F.pad(va, (0, qa.shape[-1] - D))
+    return _sdpa(qa, ka, va, allowed, scale=1.0)[..., :D]
+
+
+# student_t / laplace: the augmentation that makes the raw score −βd², and the score_mod.
+
+def _distance_augment(q: torch.Tensor, k: torch.Tensor, p: KernelParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """q' = [2βq, −β‖q‖², −β], k' = [k, 1, ‖k‖²], zero-padded to a multiple of 16: q'·k' = −β d²."""
+    beta = p.lam[..., :1]
+    if p.kernel == "student_t":
+        beta = beta / p.nu.view(1, -1, 1, 1)
+    qn = q.float().square().sum(-1, keepdim=True)
+    qa = torch.cat([(2 * beta).to(q.dtype) * q, (-beta * qn).to(q.dtype),
+                    (-beta).expand_as(qn).to(q.dtype)], dim=-1)
+    ka = torch.cat([k, torch.ones_like(k[..., :1]), k.float().square().sum(-1, keepdim=True).to(k.dtype)], dim=-1)
+    return _pad_last(qa, 16), _pad_last(ka, 16)
+
+
+def _score_mod(p: KernelParams, D: int, settle: bool):
+    """raw = −βd² (computed by the augmented product) -> ℓ (or ℓ + log w when settling).
+
+    The max(−raw, 0) guards the rounding of the expanded product: d² is never negative."""
+    if p.kernel == "student_t":
+        alpha = (p.nu.float() + D) / 2 + (1.0 if settle else 0.0)               # (H,)
+
+        def student_t(score, b, h, q_idx, kv_idx):
+            return -alpha[h] * torch.log1p(torch.clamp(-score, min=0.0))
+        return student_t
+    eps = p.eps
+    if settle:
+        def laplace_settle(score, b, h, q_idx, kv_idx):
+            u = torch.clamp(-score, min=0.0) + eps
+            return -torch.sqrt(u) - 0.5 * torch.log(u)
+        return laplace_settle
+
+    def laplace(score, b, h, q_idx, kv_idx):
+        return -torch.sqrt(torch.clamp(-score, min=0.0) + eps)
+    return laplace
+
+
+def _distance_dense(q, k, v, p: KernelParams, mask, settle: bool) -> torch.Tensor:
+    """The fused formula (augmentation + score_mod) with the scores materialised: the CPU check of it."""
+    B, H, T, D = q.shape
+    S = k.shape[-2]
+    qa, ka = _distance_augment(q, k, p)
+    raw = (qa @ _expand_kv(ka, H).transpose(-2, -1)).float()
+    h = torch.arange(H, device=q.device).view(1, H, 1, 1)
+    s = _score_mod(p, D, settle)(raw, None, h, None, None)
+    allowed = causal_mask(T, S, q.device) if mask is None else mask
+    s = s.masked_fill(~allowed, float("-inf"))
+    return (s.softmax(-1).to(v.dtype) @ _expand_kv(v, H)).to(q.dtype)
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention, dynamic=False)
+
+
+@functools.lru_cache(maxsize=16)
+def _causal_block_mask(T: int, device: torch.device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def causal(b, h, q_idx, kv_idx):
+        return kv_idx <= q_idx
+    return create_block_mask(causal, None, None, T, T, device=device)
+
+
+def _distance_flex(q, k, v, p: KernelParams, mask, settle: bool, compiled: bool = True) -> torch.Tensor:
+    """FlexAttention: fused on CUDA (compiled). Causal, T == S, no extra mask."""
+    from torch.nn.attention.flex_attention import flex_attention
+    T, S = q.shape[-2], k.shape[-2]
+    if mask is not None or T != S:
+        raise ValueError("the flex path takes plain causal self-attention (T == S, no mask)")
+    qa, ka = _distance_augment(q, k, p)
+    flex = _compiled_flex() if compiled else flex_attention
+    return flex(qa, ka, v, score_mod=_score_mod(p, q.shape[-1], settle),
+                block_mask=_causal_block_mask(T, q.device), scale=1.0,
+                enable_gqa=q.shape[1] != k.shape[1])
+
+
+_FAST = {"dot": _dot, "gaussian": _gaussian, "mixture": _mixture}
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: KernelParams, *,
+              mask: torch.Tensor | None = None, settle: bool = False, impl: str = "auto") -> torch.Tensor:
+    """Causal attention of T queries (B, H, T, D) over S ≥ T keys/values (B, Hkv, S, D).
+
+    impl: `auto` (the fast path for this kernel and device), `reference`, `sdpa`
+    (dot/gaussian/mixture), `dense` or `flex` (student_t/laplace; `flex` runs
+    uncompiled off CUDA, forward only on CPU).
+    """
+    if impl == "reference":
+        return reference_attention(q, k, v, p, mask, settle)
+    if p.kernel in _FAST:
+        if impl not in ("auto", "sdpa"):
+            raise ValueError(f"impl={impl!r}: kernel {p.kernel} runs through sdpa or reference")
+        return _FAST[p.kernel](q, k, v, p, mask, settle)
+    if impl == "dense":
+        return _distance_dense(q, k, v, p, mask, settle)
+    if impl == "flex":
+        return _distance_flex(q, k, v, p, mask, settle, compiled=q.is_cuda)
+    if impl != "auto":
+        raise ValueError(f"impl={impl!r}: must be one of auto, reference, sdpa, dense, flex")
+    if q.is_cuda and mask is None and q.shape[-2] == k.shape[-2]:
+        return _distance_flex(q, k, v, p, mask, settle)
+    # CPU, and cached decoding on GPU (T < S or a ragged-batch mask): the exact O(T·S) path.
+    return reference_attention(q, k, v, p, mask, settle)
+
+
+# -- the module ---------------------------------------------------------------------------
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
+        a = config.attention
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
         C = config.n_embd
         self.c_q = nn.Linear(C, self.n_head * self.head_dim, bias=False)
@@ -40,7 +338,105 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(C, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(self.n_head * self.head_dim, C, bias=False)
         self.resid_dropout = nn.Dropout(config.dropout)
+        # Kernel / precision parameters (shapes kept 1-D or in a Linear so no optimizer
+        # mistakes them for weight matrices; initial values in reset_parameters).
+        self.n_components = a.n_components if a.kernel == "mixture" else 1
+        HC = self.n_head * self.n_components
+        c = torch.arange(self.n_components, dtype=torch.float32) - (self.n_components - 1) / 2
+        base = -0.5 * math.log(self.head_dim) + (c * math.log(MIXTURE_SPREAD) if a.kernel == "mixture" else 0 * c)
+        self.register_buffer("base_log_precision", base, persistent=False)  # (C,) log of the fixed λ
+        if a.precision in ("head", "token"):
+            self.log_precision = nn.Parameter(torch.empty(HC))
+        if a.precision == "token":
+            self.precision_proj = nn.Linear(C, HC, bias=False)
+        if a.kernel == "student_t":
+            self.nu_raw = nn.Parameter(torch.empty(self.n_head))
+        if a.kernel == "mixture" and a.precision != "fixed":
+            self.mix_logits = nn.Parameter(torch.empty(HC))
+        self._token_precision: torch.Tensor | None = None
+        self.reset_parameters()
 
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """λ starts at its fixed value 1/√D (mixture: the spread around it) in every head;
+        the token projection at zero (so `token` starts equal to `head`); ν at nu_init
+        (softplus⁻¹(ν) = log(expm1(ν))); mixture weights uniform. q/k/v/proj are GPT.init_weights'."""
+        if hasattr(self, "log_precision"):
+            self.log_precision.copy_(self.base_log_precision.repeat(self.n_head))
+        if hasattr(self, "precision_proj"):
+            nn.init.zeros_(self.precision_proj.weight)
+        if hasattr(self, "nu_raw"):
+            nu = self.config.attention.nu_init
+            self.nu_raw.fill_(math.log(math.expm1(nu)) if nu < 20 else nu)
+        if hasattr(self, "mix_logits"):
+            self.mix_logits.zero_()
+
+    def precision_parameters(self) -> list[nn.Parameter]:
+        """Learned precision-like parameters (λ, its projection, ν, mixture logits): AdamW, no decay."""
+        names = ("log_precision", "precision_proj", "nu_raw", "mix_logits")
+        return [p for n, p in self.named_parameters() if n.split(".")[0] in names]
+
+    # -- precision ------------------------------------------------------------------------
+    def _lam(self, x: torch.Tensor | None) -> torch.Tensor:
+        """Clamped λ, fp32, (B|1, H|1, T|1, C)."""
+        a, H, C = self.config.attention, self.n_head, self.n_components
+        if a.precision == "fixed":
+            log_lam = self.base_log_precision.float().view(1, 1, 1, C)
+        else:
+            log_lam = self.log_precision.float().view(1, H, 1, C)
+            if a.precision == "token" and x is not None:
+                B, T, _ = x.shape
+                log_lam = log_lam + self.precision_proj(x).float().view(B, T, H, C).transpose(1, 2)
+        return log_lam.exp().clamp(a.precision_min, a.precision_max)
+
+    def nu(self) -> torch.Tensor | None:
+        """Student-t ν per head (H,), detached and clamped; None for other kernels."""
+        if not hasattr(self, "nu_raw"):
+            return None
+        return F.softplus(self.nu_raw.detach().float()).clamp(NU_MIN, NU_MAX)
+
+    def _log_mix(self) -> torch.Tensor | None:
+        if not hasattr(self, "mix_logits"):
+            return None
+        return self.mix_logits.float().view(self.n_head, self.n_components).log_softmax(-1)
+
+    def component_precisions(self) -> torch.Tensor | None:
+        """Detached λ per head and component, (H, C); None for `dot` with fixed precision.
+        `token` mode: the mean over the last forward's batch and positions (before any
+        forward: the value for a zero projection, i.e. exp(bias))."""
+        if self.config.attention.kernel == "dot" and self.config.attention.precision == "fixed":
+            return None
+        if self.config.attention.precision == "token" and self._token_precision is not None:
+            return self._token_precision
+        with torch.no_grad():
+            return self._lam(None).view(-1, self.n_components).expand(self.n_head, -1).clone()
+
+    def precision(self) -> torch.Tensor | None:
+        """The current clamped precision λ per head, (H,), detached; None for `dot` with
+        fixed precision (its scale 1/√D is no precision). `dot` + `head`: the learned
+        scale of q·k. `token`: the mean over the last forward's batch and positions.
+        `mixture`: Σ_c π_c λ_c (the per-component values: component_precisions())."""
+        lam = self.component_precisions()
+        if lam is None:
+            return None
+        log_mix = self._log_mix()
+        if log_mix is None:
+            return lam.mean(-1)
+        return (log_mix.detach().exp() * lam).sum(-1)
+
+    def kernel_params(self, x: torch.Tensor | None = None) -> KernelParams:
+        """The kernel's KernelParams for attention input x (B, T, C) (x only matters for `token`)."""
+        a = self.config.attention
+        lam = self._lam(x)
+        if a.precision == "token" and x is not None:
+            self._token_precision = lam.detach().mean(dim=(0, 2))  # (H, C), for diagnostics
+        nu = F.softplus(self.nu_raw.float()).clamp(NU_MIN, NU_MAX) if hasattr(self, "nu_raw") else None
+        fixed_scale = None
+        if a.kernel == "dot" and a.precision == "fixed":
+            fixed_scale = min(max(self.head_dim ** -0.5, a.precision_min), a.precision_max)
+        return KernelParams(a.kernel, lam, nu, self._log_mix(), a.laplace_eps, fixed_scale)
+
+    # -- forward ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache=None, layer_idx: int = 0) -> torch.Tensor:
         B, T, C = x.shape
@@ -50,17 +446,29 @@ class CausalSelfAttention(nn.Module):
         if self.config.attention.qk_norm:
             q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        mask = None
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, k, v)  # all keys/values so far: (B, Hkv, S, D)
-        y = self.attend(q, k, v)                     # (B, H, T, D)
+            mask = kv_cache.attn_mask(T)             # None unless the rows sit at different positions
+        p = self.kernel_params(x)
+        q = self.settle(q, k, p, mask)
+        y = attention(q, k, v, p, mask=mask)         # (B, H, T, D)
         y = y.transpose(1, 2).contiguous().view(B, T, -1)
         return self.resid_dropout(self.c_proj(y))
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Causal attention of the T newest queries over S >= T keys (the last T aligned)."""
-        T, S = q.shape[-2], k.shape[-2]
-        gqa = self.n_kv_head != self.n_head
-        if T == S:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    def settle(self, q: torch.Tensor, k: torch.Tensor, p: KernelParams,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`settle_steps` EM / mean-shift steps of the queries toward the keys that explain
+        them: q ← q + rate·(Σ_j a_ij k_j − q) (module docstring). Keys stay fixed."""
+        a = self.config.attention
+        for _ in range(a.settle_steps):
+            target = attention(q, k, k, p, mask=mask, settle=True)  # (B, H, T, D)
+            q = q + a.settle_rate * (target - q)
+        return q
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor | None = None,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal attention of the T newest queries over S >= T keys (the last T aligned),
+        with this module's kernel and precision (x: the attention input, for `token`)."""
+        p = self.kernel_params(x)
+        return attention(self.settle(q, k, p, mask), k, v, p, mask=mask)
