@@ -73,6 +73,7 @@ class MetricSpec:
     fmt: str  # a format spec for float(), e.g. ".3f"
     better: Literal["lower", "higher"]
     scale: float = 1.0  # display = value * scale (accuracy as a percentage)
+    short: str = ""  # column header in the ablation tables
 
     def show(self, value: float) -> str:
         return fmt_number(value * self.scale, self.fmt)
@@ -80,19 +81,20 @@ class MetricSpec:
 
 # The metric names are the ones of DESIGN.md §5 / the stage contract.
 METRICS: dict[str, MetricSpec] = {
-    "train/loss": MetricSpec("train loss", "nats/token", ".3f", "lower"),
-    "val/loss": MetricSpec("val loss", "nats/token", ".3f", "lower"),
-    "val/ppl": MetricSpec("val perplexity", "", ".2f", "lower"),
-    "val/bpb": MetricSpec("val bpb", "bits/byte", ".3f", "lower"),
-    "val/acc": MetricSpec("val accuracy", "%", ".1f", "higher", scale=100.0),
-    "val/unigram_bpb": MetricSpec("unigram bits per byte (reference line)", "bits/byte", ".3f", "lower"),
-    "perf/tok_per_s": MetricSpec("throughput", "tokens/s", ",.0f", "higher"),
-    "perf/step_ms": MetricSpec("step time", "ms", ".1f", "lower"),
-    "perf/mfu_pct": MetricSpec("MFU", "%", ".2f", "higher"),
-    "mem/peak_gib": MetricSpec("peak memory", "GiB", ".3f", "lower"),
-    "wall_s": MetricSpec("wall time", "s", ".1f", "lower"),
-    "tokens": MetricSpec("training tokens", "", ",.0f", "higher"),
-    "n_params": MetricSpec("parameters", "", ",.0f", "lower"),
+    "train/loss": MetricSpec("train loss", "nats/token", ".3f", "lower", short="Train loss"),
+    "val/loss": MetricSpec("val loss", "nats/token", ".3f", "lower", short="Val loss"),
+    "val/ppl": MetricSpec("val perplexity", "", ".2f", "lower", short="Val ppl"),
+    "val/bpb": MetricSpec("val bpb", "bits/byte", ".3f", "lower", short="Val bpb"),
+    "val/acc": MetricSpec("val accuracy", "%", ".1f", "higher", scale=100.0, short="Val acc (%)"),
+    "val/unigram_bpb": MetricSpec("unigram bits per byte (reference line)", "bits/byte", ".3f", "lower",
+                                  short="Unigram bpb"),
+    "perf/tok_per_s": MetricSpec("throughput", "tokens/s", ",.0f", "higher", short="Tokens/s"),
+    "perf/step_ms": MetricSpec("step time", "ms", ".1f", "lower", short="Step (ms)"),
+    "perf/mfu_pct": MetricSpec("MFU", "%", ".2f", "higher", short="MFU (%)"),
+    "mem/peak_gib": MetricSpec("peak memory", "GiB", ".3f", "lower", short="Peak mem (GiB)"),
+    "wall_s": MetricSpec("wall time", "s", ".1f", "lower", short="Wall (s)"),
+    "tokens": MetricSpec("training tokens", "", ",.0f", "higher", short="Tokens"),
+    "n_params": MetricSpec("parameters", "", ",.0f", "lower", short="Params"),
 }
 
 # Keys every metrics file must carry, as numbers (the contract's non-optional part).
@@ -648,9 +650,8 @@ def ablation_table(summ: dict[str, VariantSummary], question: str, cfg: ReportCo
     if cfg.control in summ:
         names.append(cfg.control)
     pct = int(round(cfg.confidence * 100))
-    cols = ["Variant", "Change", "Seeds", f"{_with_unit(cfg.metric)}, mean ± {pct}% CI",
-            f"Δ vs {cfg.reference} [{pct}% CI]", "Verdict"]
-    cols += [f"{_with_unit(m)}, mean ± CI" for m in cfg.table_metrics]
+    cols = ["Variant", "Change", "n", METRICS[cfg.metric].short, f"Δ vs {cfg.reference} [{pct}% CI]", "Verdict"]
+    cols += [METRICS[m].short for m in cfg.table_metrics]
     rows, emphasis = [], {}
     for i, name in enumerate(names):
         s = summ[name]
@@ -665,8 +666,9 @@ def ablation_table(summ: dict[str, VariantSummary], question: str, cfg: ReportCo
             emphasis[i] = "control"
     return Table(cols, rows, ["l", "l", "r", "r", "r", "l"] + ["r"] * len(cfg.table_metrics),
                  caption=f"{QUESTION_TITLES[question]}: each variant changes one factor of {cfg.reference}; "
-                         f"{cfg.control} is the backprop control. Δ is variant − {cfg.reference} with a Welch "
-                         f"interval.", emphasis=emphasis)
+                         f"{cfg.control} is the backprop control; n seeds. Cells: mean ± {pct}% CI half-width "
+                         f"({METRICS[cfg.metric].short.lower()} in {METRICS[cfg.metric].unit}). "
+                         f"Δ = variant − {cfg.reference}, Welch interval.", emphasis=emphasis)
 
 
 def ablation_bars(summ: dict[str, VariantSummary], question: str, cfg: ReportConfig) -> list[figs.Bar]:
@@ -807,7 +809,8 @@ def build_document(inputs: Inputs, results: pd.DataFrame, cfg: ReportConfig, roo
     libs = library_versions()
     blocks.append(Table(["Library", "Version"], [[k, v] for k, v in libs.items()], ["l", "l"],
                         caption="Library versions of the environment that ran the report."))
-    subtitle = (f"commit {commit[:12]} · {dirty} · {len(inputs.pretrain)} pretrain runs · "
+    short = commit[:12] if all(c in "0123456789abcdef" for c in commit) else "unknown"
+    subtitle = (f"commit {short} · {dirty} · {len(inputs.pretrain)} pretrain runs · "
                 f"{len(inputs.ablate)} ablation runs · {pct}% intervals")
     return blocks, subtitle
 

@@ -24,7 +24,7 @@ import pandas as pd  # noqa: E402
 
 from stages.report_render import Figure  # noqa: E402
 
-DPI = 130
+DPI = 150  # the HTML shows figures at 100 px/inch (report_render.HIDPI_SCALE)
 COLORS = {"baseline": "#3b6ea8", "pcgpt": "#d9822b"}
 KIND_COLORS = {"better": "#1f7a5a", "worse": "#c0492f", "neutral": "#9aa3ab", "na": "#c9ced3"}
 KIND_LABELS = {"better": "better than reference", "worse": "worse than reference",
@@ -90,7 +90,7 @@ def curves(data: dict[str, pd.DataFrame], baseline: str, pcgpt: str, fig_dir: Pa
         return skipped(f"Training curves skipped: no curve file for {baseline} or {pcgpt} "
                        f"(<run>_curve.tsv).")
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(1, 3, figsize=(13, 3.9), constrained_layout=True)
+        fig, axes = plt.subplots(1, 3, figsize=(11.2, 3.8), constrained_layout=True)
         for i, run in enumerate(runs):
             df, c = data[run], _color(run, i)
             tr = df.dropna(subset=["train_loss"])
@@ -153,7 +153,7 @@ def ablation_bars(bars: Sequence[Bar], slug: str, title: str, metric_label: str,
     pad = 0.12 * (hi - lo or abs(hi) or 1.0)
     xlim = (lo - pad, hi + pad)
     with plt.rc_context(STYLE):
-        fig, ax = plt.subplots(figsize=(9, 0.55 * len(bars) + 1.6), constrained_layout=True)
+        fig, ax = plt.subplots(figsize=(8.5, 0.5 * len(bars) + 1.6), constrained_layout=True)
         ys = np.arange(len(bars))[::-1]
         for y, b in zip(ys, bars):
             est = min(max(b.estimate, xlim[0]), xlim[1])
@@ -209,7 +209,7 @@ def settling(train_pts: Sequence[Point], test_pts: Sequence[Point], ref: Point |
     pct = int(round(confidence * 100))
     panels = (2 if len(train_pts) >= 2 else 0) + (1 if test_pts else 0)
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(1, panels, figsize=(4.4 * panels + 0.6, 3.9), constrained_layout=True,
+        fig, axes = plt.subplots(1, panels, figsize=(3.6 * panels + 0.4, 3.9), constrained_layout=True,
                                  squeeze=False)
         axes = list(axes[0])
         if len(train_pts) >= 2:
@@ -232,21 +232,26 @@ def settling(train_pts: Sequence[Point], test_pts: Sequence[Point], ref: Point |
                 axes[0].axhline(control[0], color=COLORS["baseline"], ls="--", lw=1.5, label="bp control")
             axes[0].set(title=f"{metric_label.split(' (')[0].capitalize()} vs T", ylabel=metric_label)
             axes[1].set(title="Step time vs T", ylabel="step time (ms)")
-            axes[0].legend(fontsize=9, loc="best")
         if test_pts:
             ax = axes[-1]
             pts = sorted(test_pts, key=lambda p: p.x)
             ax.errorbar([p.x for p in pts], [p.y for p in pts], yerr=[p.y_half or 0.0 for p in pts], fmt="o-",
                         color="#6a4c93", ecolor="#2b3035", capsize=4, ms=6, label="test-time settling variants")
             if ref is not None:
-                ax.axhline(ref.y, color="#2b3035", lw=1.2, label=f"{reference}")
+                ax.axhline(ref.y, color="#2b3035", lw=1.2, label=f"{reference} (default test-time steps)")
                 if ref.y_half:
                     ax.axhspan(ref.y - ref.y_half, ref.y + ref.y_half, color="#2b3035", alpha=0.08,
                                label=f"{reference} {pct}% CI")
             ax.set_xticks(sorted({p.x for p in pts}))
             ax.set(title="Test-time attention settling", xlabel="attention settling steps at test time",
                    ylabel=metric_label)
-            ax.legend(fontsize=9)
+        # One legend for all panels, below them: inside, it would cover the points.
+        seen: dict[str, Any] = {}
+        for ax in axes:
+            for h, lab in zip(*ax.get_legend_handles_labels()):
+                seen.setdefault(lab, h)
+        fig.legend(list(seen.values()), list(seen), loc="outside lower center", ncol=min(len(seen), 4),
+                   fontsize=10)
         path = _save(fig, fig_dir / "settling.png")
     cap = (f"Settling: {metric_label} and step time against the training settling steps T (mean over seeds, "
            f"{pct}% t-intervals; the ring marks {reference})")
@@ -271,7 +276,7 @@ def precision(metrics: dict[str, Any], run: str, fig_dir: Path) -> FigureResult:
                        f"(pc/precision/<layer>, attn/precision/<layer>/<head>).")
     panels = (1 if layer else 0) + (1 if heads else 0)
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(1, panels, figsize=(5.6 * panels + 0.4, 3.9), constrained_layout=True,
+        fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels + 0.6, 3.8), constrained_layout=True,
                                  squeeze=False)
         axes = list(axes[0])
         if layer:
@@ -317,7 +322,7 @@ def energy(metrics: dict[str, Any], run: str, fig_dir: Path) -> FigureResult:
                        f"(pc/energy_before/<layer>, pc/energy_after/<layer>).")
     x = np.arange(len(layers))
     with plt.rc_context(STYLE):
-        fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(layers) + 3), 3.9), constrained_layout=True)
+        fig, ax = plt.subplots(figsize=(max(6.5, 0.9 * len(layers) + 3), 3.6), constrained_layout=True)
         b = [before.get(l, np.nan) for l in layers]
         a = [after.get(l, np.nan) for l in layers]
         ax.bar(x - 0.2, b, width=0.4, color="#9aa3ab", label="before settling")
@@ -349,7 +354,7 @@ def attention(maps: dict[str, dict[str, Any]], baseline: str, pcgpt: str, fig_di
         return skipped(f"Attention maps skipped: no attention file for {baseline} or {pcgpt} "
                        f"(<run>_attention.json).")
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(1, len(runs), figsize=(5.4 * len(runs) + 1.0, 5.2), constrained_layout=True,
+        fig, axes = plt.subplots(1, len(runs), figsize=(5.0 * len(runs) + 1.0, 5.0), constrained_layout=True,
                                  squeeze=False)
         mats = [np.asarray(maps[r]["weights"], dtype=float)[:max_tokens, :max_tokens] for r in runs]
         vmax = max(float(np.nanmax(m)) for m in mats)
@@ -359,8 +364,7 @@ def attention(maps: dict[str, dict[str, Any]], baseline: str, pcgpt: str, fig_di
             toks = [_token_label(t) for t in a["tokens"][:max_tokens]]
             # The causal mask (keys after the query) drawn as "no data", not as probability 0.
             masked = np.ma.masked_where(np.triu(np.ones_like(w, dtype=bool), 1), w)
-            cmap = plt.get_cmap("magma_r").copy()
-            cmap.set_bad("#eef1f4")
+            cmap = plt.get_cmap("magma_r").with_extremes(bad="#eef1f4")
             im = ax.imshow(masked, cmap=cmap, vmin=0.0, vmax=vmax, interpolation="nearest")
             step = max(1, math.ceil(len(toks) / 24))
             ticks = list(range(0, len(toks), step))

@@ -154,7 +154,7 @@ CSS = """
         --neutral:#4a5560; --neutral-bg:#eceff2; --accent:#d9822b; }
 * { box-sizing: border-box; }
 html { background: var(--bg); }
-body { margin: 0 auto; max-width: 1120px; padding: 2.5rem 2rem 4rem; color: var(--fg);
+body { margin: 0 auto; max-width: 1200px; padding: 2.5rem 2rem 4rem; color: var(--fg);
        font: 15px/1.55 -apple-system, "Segoe UI", "Helvetica Neue", "DejaVu Sans", Arial, sans-serif; }
 h1 { font-size: 1.9rem; margin: 0 0 .3rem; letter-spacing: -.01em; }
 h2 { font-size: 1.35rem; margin: 2.6rem 0 .8rem; padding-bottom: .3rem; border-bottom: 2px solid var(--rule); }
@@ -175,6 +175,7 @@ caption { caption-side: top; text-align: left; color: var(--muted); font-size: .
 th, td { padding: .38rem .75rem; border-bottom: 1px solid var(--rule); vertical-align: top; }
 th { text-align: left; font-weight: 600; background: var(--band); border-bottom: 2px solid var(--rule); }
 td.r, th.r { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+td:first-child { white-space: nowrap; }
 tbody tr:hover { background: #fafbfc; }
 tr.ref td { background: #fff8ef; font-weight: 600; }
 tr.control td { color: var(--muted); font-style: italic; }
@@ -185,7 +186,7 @@ tr.control td { color: var(--muted); font-style: italic; }
 .badge.neutral, .badge.na { color: var(--neutral); background: var(--neutral-bg); }
 .badge.ref { color: #7a4a12; background: #fbe7cf; }
 figure { margin: 1rem 0 1.8rem; }
-figure img { max-width: 100%; height: auto; border: 1px solid var(--rule); border-radius: 6px; }
+figure img { display: block; max-width: 100%; height: auto; border: 1px solid var(--rule); border-radius: 6px; }
 figcaption { color: var(--muted); font-size: .88rem; margin-top: .35rem; max-width: 90ch; }
 .samples { display: grid; gap: .6rem; margin: .4rem 0 1.2rem; }
 .sample { background: var(--band); border: 1px solid var(--rule); border-radius: 6px; padding: .55rem .8rem;
@@ -205,6 +206,19 @@ def _html_cell(cell: Cell, align: str) -> str:
     if isinstance(cell, Badge):
         return f'<td{cls}><span class="badge {cell.kind}">{_h(cell.text)}</span></td>'
     return f"<td{cls}>{_h(cell)}</td>"
+
+
+# Figures are rasterised at 150 dpi and shown at 100 CSS px per inch: 11 pt figure text
+# then reads at the size of the body text, and stays sharp on high-density screens.
+HIDPI_SCALE = 1.5
+
+
+def png_size(png: Path) -> tuple[int, int]:
+    """(width, height) in pixels from a PNG's IHDR chunk."""
+    head = png.read_bytes()[:24]
+    if head[:8] != b"\x89PNG\r\n\x1a\n":
+        raise ValueError(f"{png}: not a PNG file")
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
 
 
 def data_uri(png: Path) -> str:
@@ -239,7 +253,9 @@ def to_html(title: str, subtitle: str, blocks: list[Block]) -> str:
             body.append(f'<div class="table-wrap"><table>{caption}<thead><tr>{head}</tr></thead>'
                         f'<tbody>{"".join(rows)}</tbody></table></div>')
         elif isinstance(b, Figure):
-            body.append(f'<figure><img src="{data_uri(b.path)}" alt="{_h(b.alt)}">'
+            w, h = png_size(b.path)  # drawn at HIDPI_SCALE px per CSS px: text matches the page
+            body.append(f'<figure><img src="{data_uri(b.path)}" alt="{_h(b.alt)}" '
+                        f'width="{round(w / HIDPI_SCALE)}" height="{round(h / HIDPI_SCALE)}">'
                         f"<figcaption>{_h(b.caption)}</figcaption></figure>")
         elif isinstance(b, Samples):
             items = "".join(

@@ -1,0 +1,397 @@
+"""The report stage: numbers, verdicts, failure on bad inputs, graceful skips, the page in a browser,
+and the DVC stage with its MLflow artifacts."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import http.server
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from scipy import stats as sps
+
+from stages import report
+from stages import report_figures
+from tests.stages.report_fixtures import PRETRAIN, VARIANTS, write_report_inputs
+
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+def _report_params() -> dict:
+    """The repository's own `report` section (the test checks the shipped defaults)."""
+    return yaml.safe_load((ROOT / "params.yaml").read_text())["report"]
+
+
+def _setup(root: Path, **kw):
+    written = write_report_inputs(root, **kw)
+    params = {"seed": 1337, "report": _report_params(), "ablation": written.params,
+              "tracking": {"enabled": False}}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return written
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """One complete report from the hand-made inputs, shared by the read-only tests."""
+    root = tmp_path_factory.mktemp("report")
+    written = _setup(root)
+    paths = report.run(root)
+    return root, written, paths
+
+
+# ------------------------------------------------------------------ statistics
+
+def test_t_critical_values_match_the_table():
+    # Two-sided 95% Student-t critical values from any statistics table.
+    for df, t in [(1, 12.706), (2, 4.303), (4, 2.776), (10, 2.228), (30, 2.042)]:
+        assert report.t_critical(0.95, df) == pytest.approx(t, abs=1e-3)
+    assert report.t_critical(0.90, 4) == pytest.approx(2.132, abs=1e-3)
+
+
+def test_mean_ci_and_welch_against_scipy():
+    x = [3.0, 3.2, 3.4]
+    ci = report.mean_ci(x, 0.95)
+    assert ci.mean == pytest.approx(3.2) and ci.sd == pytest.approx(0.2)
+    assert ci.half == pytest.approx(4.302653 * 0.2 / math.sqrt(3), rel=1e-6)
+    lo, hi = sps.t.interval(0.95, 2, loc=3.2, scale=sps.sem(x))
+    assert (ci.lo, ci.hi) == pytest.approx((lo, hi))
+
+    a, b = [2.1, 2.5, 2.2, 2.9], [3.0, 3.6, 2.7]
+    d = report.welch_diff(report.mean_ci(a, 0.95), report.mean_ci(b, 0.95), 0.95)
+    ref = sps.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    assert d.estimate == pytest.approx(np.mean(a) - np.mean(b))
+    assert (d.lo, d.hi) == pytest.approx((ref.low, ref.high))
+
+    one = report.mean_ci([3.0], 0.95)
+    assert one.half is None and one.lo is None
+    d1 = report.welch_diff(one, ci, 0.95)
+    assert d1.lo is None and report.verdict(d1, "val/loss", "pcgpt") == ("1 seed: no interval", "na")
+
+
+def test_verdict_claims_only_what_the_interval_supports():
+    v = report.verdict
+    assert v(report.Diff(-0.1, -0.2, -0.01, 4), "val/loss", "pcgpt") == \
+        ("lower val loss than pcgpt (better)", "better")
+    assert v(report.Diff(0.1, 0.01, 0.2, 4), "val/loss", "pcgpt") == \
+        ("higher val loss than pcgpt (worse)", "worse")
+    assert v(report.Diff(0.1, -0.01, 0.2, 4), "val/loss", "pcgpt") == ("no detectable difference", "neutral")
+    # Higher accuracy is better: the direction follows the metric.
+    assert v(report.Diff(0.02, 0.01, 0.03, 4), "val/acc", "pcgpt") == \
+        ("higher val accuracy than pcgpt (better)", "better")
+
+
+# ---------------------------------------------------------------- the numbers
+
+EXPECTED_VERDICTS = {  # by construction of the fixture's seed values (see report_fixtures.VARIANTS)
+    "pcgpt": "reference",
+    "bp": "higher val loss than pcgpt (worse)",
+    "attn_fixed": "higher val loss than pcgpt (worse)",
+    "layer_fixed": "no detectable difference",
+    "attn_student_t": "lower val loss than pcgpt (better)",
+    "err_laplace": "no detectable difference",
+    "bottom_up": "higher val loss than pcgpt (worse)",
+    "no_output_feedback": "no detectable difference",
+    "T0": "higher val loss than pcgpt (worse)",
+    "T1": "higher val loss than pcgpt (worse)",
+    "T4": "no detectable difference",
+    "attn_settle_0": "no detectable difference",
+    "attn_settle_4": "no detectable difference",
+}
+
+
+def test_ablation_means_intervals_and_verdicts(built):
+    root, written, paths = built
+    results = pd.read_parquet(paths["results.parquet"])
+    cfg = report.load_section(report.ReportConfig, "report", root / "params.yaml")
+    summ = report.summarize_ablation(results[results["source"] == "ablate"], cfg)
+    assert set(summ) == set(VARIANTS)
+    ref = written.val_losses("pcgpt")
+    for name, s in summ.items():
+        vals = written.val_losses(name)
+        st = s.stats["val/loss"]
+        assert st.n == 3 and st.mean == pytest.approx(np.mean(vals))
+        assert st.half == pytest.approx(4.302653 * np.std(vals, ddof=1) / math.sqrt(3), rel=1e-5)
+        assert s.verdict == EXPECTED_VERDICTS[name], name
+        if name != "pcgpt":
+            ci = sps.ttest_ind(vals, ref, equal_var=False).confidence_interval(0.95)
+            assert (s.diff.lo, s.diff.hi) == pytest.approx((ci.low, ci.high))
+
+    md = paths["report.md"].read_text()
+    # Hand-computed: pcgpt sd 0.02 -> ± 4.303*0.02/√3 = 0.050; attn_fixed − pcgpt = 0.100 with
+    # Welch se 0.01633 on 4 df -> ± 2.776*0.01633 = 0.045.
+    row = next(ln for ln in md.splitlines() if ln.startswith("| attn_fixed "))
+    assert "| 3.100 ± 0.050 | +0.100 [+0.055, +0.145] | higher val loss than pcgpt (worse) |" in row
+    row = next(ln for ln in md.splitlines() if ln.startswith("| attn_student_t "))
+    assert "| 2.900 ± 0.050 | −0.100 [−0.145, −0.055] | lower val loss than pcgpt (better) |" in row
+    # Each question's table lists its variants, the reference and the control, and nothing else.
+    sections = re.split(r"^### ", md, flags=re.M)[1:]
+    for title, q in [("Precision weighting", "precision"), ("Distributions", "distribution"),
+                     ("Error propagation pathways", "pathway"), ("Settling", "settling")]:
+        body = next(s for s in sections if s.startswith(title)).split("\n## ")[0]
+        rows = {ln.split("|")[1].strip() for ln in body.splitlines()
+                if ln.startswith("| ") and not ln.startswith("| Variant")}
+        assert rows == {"pcgpt", "bp"} | {v for v, spec in VARIANTS.items() if spec[0] == q}
+
+
+def test_headline_and_results_table(built):
+    root, written, paths = built
+    md = paths["report.md"].read_text()
+    assert f"| val loss (nats/token) | {PRETRAIN['baseline']:.3f} | {PRETRAIN['pcgpt']:.3f} | −0.150 |" in md
+    csv = pd.read_csv(paths["results.csv"])
+    pq = pd.read_parquet(paths["results.parquet"])
+    assert len(pq) == len(csv) == 2 + len(VARIANTS) * 3
+    assert list(pq.columns) == list(csv.columns)
+    # Every metric a stage wrote is a column, and the values round-trip.
+    item = json.loads((root / "metrics/ablate/T1-2.json").read_text())
+    row = pq[pq["run"] == "T1-2"].iloc[0]
+    assert row["variant"] == "T1" and row["seed"] == 2 and row["question"] == "settling"
+    for k, v in item.items():
+        if isinstance(v, (int, float)) and k != "seed":
+            assert row[k] == pytest.approx(v), k
+    assert np.allclose(pq.select_dtypes("number").to_numpy(float), csv.select_dtypes("number").to_numpy(float),
+                       equal_nan=True)
+
+
+def test_outputs_are_self_contained_and_linked(built):
+    root, _, paths = built
+    figures = sorted(p.name for p in paths["figures"].glob("*.png"))
+    assert {"curves.png", "ablation_precision.png", "settling.png", "precision.png", "energy.png",
+            "attention.png"} <= set(figures)
+    md = paths["report.md"].read_text()
+    assert sorted(re.findall(r"\]\(figures/([^)]+)\)", md)) == figures
+    html = paths["report.html"].read_text()
+    srcs = re.findall(r'<img src="([^"]+)"', html)
+    assert len(srcs) == len(figures) and all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert base64.b64decode(srcs[0].split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    # Sample text is escaped, not interpreted.
+    assert "&lt;through&gt; yonder window &amp; breaks" in html and "<through>" not in html
+    # Provenance: the params digest is the file's sha256; library versions are listed.
+    assert report.sha256_file(root / "params.yaml") in md
+    assert re.search(r"\| torch \| \d+\.\d+", md) and "| hardware | cpu (fixture) |" in md
+    assert not list(paths["report.md"].parent.glob(".tmp-*"))  # no staging left behind
+
+
+def test_single_seed_says_no_interval(tmp_path):
+    _setup(tmp_path, seeds=(7,))
+    paths = report.run(tmp_path)
+    md = paths["report.md"].read_text()
+    row = next(ln for ln in md.splitlines() if ln.startswith("| attn_fixed "))
+    assert "| 1 | 3.100 | +0.100 | 1 seed: no interval |" in row
+    assert "no detectable difference" not in md.split("## Ablations")[1].split("## Inside")[0]
+
+
+# ------------------------------------------------------------------- failures
+
+def _corrupt(kind: str, root: Path) -> str:
+    """Break one input; return the path the error must name."""
+    if kind == "missing pretrain":
+        (root / "metrics/pretrain/pcgpt.json").unlink()
+        return "metrics/pretrain/pcgpt.json"
+    if kind == "malformed json":
+        (root / "metrics/ablate/T1-1.json").write_text('{"val/loss": 3.0,')
+        return "metrics/ablate/T1-1.json"
+    if kind == "missing metric":
+        p = root / "metrics/ablate/bp-0.json"
+        m = json.loads(p.read_text())
+        del m["val/loss"]
+        p.write_text(json.dumps(m))
+        return "metrics/ablate/bp-0.json"
+    if kind == "string metric":
+        p = root / "metrics/pretrain/baseline.json"
+        m = json.loads(p.read_text())
+        m["perf/tok_per_s"] = "fast"
+        p.write_text(json.dumps(m))
+        return "metrics/pretrain/baseline.json"
+    if kind == "missing grid item":
+        (root / "metrics/ablate/err_laplace-2.json").unlink()
+        return "metrics/ablate/err_laplace-2.json"
+    if kind == "bad curve":
+        (root / "metrics/pretrain/pcgpt_curve.tsv").write_text("step,tokens\n1,2\n")
+        return "metrics/pretrain/pcgpt_curve.tsv"
+    if kind == "missing tokens meta":
+        (root / "data/tokens/meta.json").unlink()
+        return "data/tokens/meta.json"
+    if kind == "wrong file name":
+        p = root / "metrics/ablate/T4-0.json"
+        m = json.loads(p.read_text())
+        m["seed"] = 5
+        p.write_text(json.dumps(m))
+        return "metrics/ablate/T4-0.json"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["missing pretrain", "malformed json", "missing metric", "string metric",
+                                  "missing grid item", "bad curve", "missing tokens meta", "wrong file name"])
+def test_bad_input_names_the_file_and_writes_nothing(tmp_path, kind):
+    _setup(tmp_path)
+    bad = _corrupt(kind, tmp_path)
+    with pytest.raises(report.ReportInputError) as err:
+        report.run(tmp_path)
+    assert bad in str(err.value)
+    assert not (tmp_path / "reports").exists()
+
+
+def test_failure_while_writing_leaves_no_partial_report(tmp_path, monkeypatch):
+    _setup(tmp_path)
+    report.run(tmp_path)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "reports").iterdir() if p.is_file()}
+    pngs = sorted(p.name for p in (tmp_path / "reports/figures").iterdir())
+
+    def broken(*a, **k):
+        raise RuntimeError("disk full while drawing")
+
+    monkeypatch.setattr(report_figures, "energy", broken)
+    (tmp_path / "metrics/pretrain/pcgpt.json").write_text(
+        (tmp_path / "metrics/pretrain/pcgpt.json").read_text().replace('"val/loss": 3.25', '"val/loss": 3.2'))
+    with pytest.raises(RuntimeError):
+        report.run(tmp_path)
+    after = {p.name: p.read_bytes() for p in (tmp_path / "reports").iterdir() if p.is_file()}
+    assert after == before  # the previous complete report, untouched
+    assert sorted(p.name for p in (tmp_path / "reports/figures").iterdir()) == pngs
+    assert not list((tmp_path / "reports").glob(".tmp-*"))
+
+
+def test_command_line_error_is_one_clean_line(tmp_path):
+    _setup(tmp_path)
+    bad = _corrupt("malformed json", tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "stages.report"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("report: error: ") and bad in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "reports").exists()
+
+
+# ------------------------------------------------------------ graceful skips
+
+def test_absent_optional_inputs_are_skipped_with_a_note(tmp_path):
+    no_settling = {k: v for k, v in VARIANTS.items() if v[0] != "settling"}
+    _setup(tmp_path, variants=no_settling, optional=False)
+    # A PC-GPT with a fixed attention kernel: layer precision only, no per-head precision.
+    p = tmp_path / "metrics/pretrain/pcgpt.json"
+    p.write_text(json.dumps({k: v for k, v in json.loads(p.read_text()).items()
+                             if not k.startswith("attn/precision/")}))
+    paths = report.run(tmp_path)
+    md = paths["report.md"].read_text()
+    for note in ("Training curves skipped", "Attention maps skipped", "The grid has no settling variant",
+                 "No samples file for baseline", "No per-head attention precision", "No data manifest"):
+        assert note in md, note
+    figures = {p.name for p in paths["figures"].glob("*.png")}
+    assert {"precision.png", "energy.png", "ablation_precision.png"} <= figures
+    assert not {"curves.png", "attention.png", "settling.png", "ablation_settling.png"} & figures
+
+
+def test_bp_reference_run_without_pc_diagnostics(tmp_path):
+    # The headline PC-GPT run without any PC diagnostics (e.g. settling T=0 reported as bp):
+    _setup(tmp_path)
+    p = tmp_path / "metrics/pretrain/pcgpt.json"
+    p.write_text(json.dumps({k: v for k, v in json.loads(p.read_text()).items()
+                             if not k.startswith(("pc/", "attn/"))}))
+    md = report.run(tmp_path)["report.md"].read_text()
+    assert "Precision figure skipped" in md and "Energy figure skipped" in md
+
+
+# ------------------------------------------------------------------ browser
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+CHROME_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--disable-dev-shm-usage", "--window-size=1280,1000", "--hide-scrollbars"]
+
+
+def test_html_report_in_headless_chromium(built, tmp_path, monkeypatch):
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        pytest.skip("Debian chromium + chromium-driver not installed (.ci/run installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    monkeypatch.setenv("SE_OFFLINE", "true")  # never let selenium-manager download a driver
+    _, _, paths = built
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(paths["report.html"].parent))
+
+    class Quiet(http.server.ThreadingHTTPServer):
+        def handle_error(self, request, client_address):  # a browser closing a socket is not a failure
+            pass
+
+    server = Quiet(("127.0.0.1", 0), lambda *a: handler(*a))
+    server.RequestHandlerClass.log_message = lambda *a, **k: None
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    opts = Options()
+    opts.binary_location = str(CHROMIUM)
+    for flag in CHROME_FLAGS + [f"--user-data-dir={tmp_path / 'chrome-profile'}"]:
+        opts.add_argument(flag)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=opts)
+    try:
+        driver.set_page_load_timeout(60)
+        driver.get(f"http://127.0.0.1:{server.server_address[1]}/report.html")
+        driver.execute_script("return document.fonts ? document.fonts.ready : true")
+        imgs = driver.execute_script(
+            "return Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth])")
+        n_png = len(list(paths["figures"].glob("*.png")))
+        assert len(imgs) == n_png > 0
+        assert all(complete and width > 0 for _, complete, width in imgs), imgs
+        severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert severe == []
+        # Numbers are right-aligned in tabular figures; the reference row stands out.
+        align = driver.execute_script(
+            "const td = document.querySelector('td.r'); const s = getComputedStyle(td);"
+            "return [s.textAlign, s.fontVariantNumeric]")
+        assert align == ["right", "tabular-nums"]
+        assert driver.execute_script("return document.querySelectorAll('tr.ref').length") == 4
+        ARTIFACTS.mkdir(exist_ok=True)
+        driver.save_screenshot(str(ARTIFACTS / "report-top.png"))
+        full = driver.execute_cdp_cmd("Page.captureScreenshot",
+                                      {"format": "png", "captureBeyondViewport": True})
+        (ARTIFACTS / "report-full.png").write_bytes(base64.b64decode(full["data"]))
+    finally:
+        driver.quit()
+        server.shutdown()
+        server.server_close()
+
+
+# ---------------------------------------------------------- DVC + MLflow
+
+@pytest.mark.slow
+def test_dvc_stage_runs_and_logs_to_the_parent_run(project):
+    """The report stage of the real dvc.yaml (alone) on hand-made inputs: outputs, no-op rerun,
+    provenance commit, and the report as artifacts of the pipeline's parent MLflow run."""
+    stage = yaml.safe_load((project.path / "dvc.yaml").read_text())["stages"]["report"]
+    (project.path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"report": stage}}, sort_keys=False))
+    written = write_report_inputs(project.path)
+    project.set_params({"ablation": written.params})
+    project.commit("inputs")
+    head = project.run("git", "rev-parse", "HEAD").stdout.strip()
+    project.dvc("repro", "report")
+    out = project.path / "reports"
+    for name in ("report.md", "report.html", "results.parquet", "results.csv", "figures/curves.png"):
+        assert (out / name).is_file(), name
+    md = (out / "report.md").read_text()
+    assert f"| git commit | {head} |" in md and "| working tree | clean" in md
+    assert "Stage 'report' didn't change" in project.dvc("repro", "report").stdout
+    assert "up to date" in project.dvc("status", "report").stdout.lower()
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=project.env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name(project.params["tracking"]["experiment"])
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`pcgpt.kind` = 'pipeline'")
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.html", "report/report.md", "report/results.parquet", "report/figures"} <= logged
+    (child,) = client.search_runs([exp.experiment_id], "tags.`pcgpt.kind` = 'stage'")
+    assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
