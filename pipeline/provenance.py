@@ -116,8 +116,10 @@ def hashes_from_workspace(stage: str, root: str | Path = ".") -> dict[str, dict[
     from dvc.repo import Repo
 
     root = Path(root).resolve()
+    dvcfile, name = stage.rsplit(":", 1) if ":" in stage else ("dvc.yaml", stage)
     with Repo(str(root)) as repo:
-        (st,) = repo.stage.collect(stage)
+        # An absolute dvc.yaml path: DVC resolves targets against the cwd, not the repo.
+        (st,) = repo.stage.collect(f"{root / dvcfile}:{name}")
         deps: dict[str, str] = {}
         params: dict[str, str] = {}
         for dep in st.deps:

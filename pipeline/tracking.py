@@ -136,7 +136,7 @@ class TrackingConfig:
     registered_model: str = "pcgpt"
     """Model registry name; a stage registering several models appends the run
     name (`pcgpt-baseline`, `pcgpt-pcgpt`)."""
-    model_alias: str = "latest"
+    model_alias: str = "newest"
     """Alias moved to each newly registered model version."""
     flush_interval_s: float = 1.0
     """How often the background thread sends queued metrics."""
@@ -176,7 +176,7 @@ class Tracker:
         """Store text as an artifact file."""
 
     def log_pyfunc_model(self, python_model: Any, artifacts: Mapping[str, str], name: str,
-                         registered_name: str, alias: str = "latest",
+                         registered_name: str, alias: str = "newest",
                          code_paths: list[str] | None = None,
                          pip_requirements: list[str] | None = None,
                          signature: Any = None, input_example: Any = None) -> str | None:
@@ -324,7 +324,7 @@ class MlflowTracker(Tracker):
                     artifact_file)
 
     def log_pyfunc_model(self, python_model: Any, artifacts: Mapping[str, str], name: str,
-                         registered_name: str, alias: str = "latest",
+                         registered_name: str, alias: str = "newest",
                          code_paths: list[str] | None = None,
                          pip_requirements: list[str] | None = None,
                          signature: Any = None, input_example: Any = None) -> str | None:
@@ -343,7 +343,7 @@ class MlflowTracker(Tracker):
         mlflow.set_tracking_uri(self.tracking_uri)
         mlflow.set_experiment(experiment_id=self.experiment_id)
         info = Model.log(
-            name=name, flavor=mlflow.pyfunc, python_model=python_model, artifacts=artifacts,
+            artifact_path=None, name=name, flavor=mlflow.pyfunc, python_model=python_model, artifacts=artifacts,
             code_paths=code_paths, registered_model_name=registered_name, run_id=self.run_id,
             pip_requirements=pip_requirements or default_pip_requirements(),
             signature=signature, input_example=input_example,
@@ -489,6 +489,25 @@ def _host_lock(name: str) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+class _QuietMlflowRetries(logging.Filter):
+    """Drops urllib3's per-retry warnings for MLflow API calls: a failing store is
+    reported once, by the tracker, with the final error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith("Retrying")
+                    and "/api/2.0/mlflow" in record.getMessage())
+
+
+_QUIET_RETRIES = _QuietMlflowRetries()
+
+
+def _runtime_http_setup() -> None:
+    """Bounded HTTP retries for the rest of the process (unless set) and quiet retries."""
+    for k, v in RUNTIME_HTTP_LIMITS.items():
+        os.environ.setdefault(k, v)
+    logging.getLogger("urllib3.connectionpool").addFilter(_QUIET_RETRIES)  # idempotent
+
+
 @contextlib.contextmanager
 def _http_limits(limits: Mapping[str, str], override: bool) -> Iterator[None]:
     """Set MLflow's HTTP retry/timeout env vars (read per request); restore afterwards."""
@@ -559,10 +578,10 @@ def _open_mlflow(stage: str, run_name: str, config: TrackingConfig, uri: str,
     """Connect, find the experiment and parent, create the child run. Raises on any error."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=uri)
     root = Path.cwd()
     common = _common_tags(root)
     with _host_lock(uri):
+        client = MlflowClient(tracking_uri=uri)  # creates a missing SQLite schema: under the lock
         experiment_id = _experiment_id(client, config.experiment, uri)
         parent_id, manage_parent = os.environ.get(ENV_PARENT_RUN_ID) or None, False
         if parent_id:
@@ -614,8 +633,7 @@ def open_stage_run(stage: str, params: Any = None, config: TrackingConfig | None
                     uri, type(e).__name__, str(e).splitlines()[0] if str(e) else "",
                     dvc_stage or stage)
         return NullTracker()
-    for k, v in RUNTIME_HTTP_LIMITS.items():
-        os.environ.setdefault(k, v)
+    _runtime_http_setup()
     tracker.log_params(params)
     return tracker
 
@@ -674,8 +692,8 @@ def pipeline_run(name: str | None = None, config: TrackingConfig | None = None,
 
             with _http_limits({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
                                "MLFLOW_HTTP_REQUEST_TIMEOUT": str(PROBE_TIMEOUT_S)}, True):
-                client = MlflowClient(tracking_uri=uri)
                 with _host_lock(uri):
+                    client = MlflowClient(tracking_uri=uri)
                     experiment_id = _experiment_id(client, config.experiment, uri)
                 run_tags = {**_common_tags(Path.cwd()), **(tags or {}), TAG_KIND: "pipeline"}
                 run = client.create_run(
@@ -683,6 +701,7 @@ def pipeline_run(name: str | None = None, config: TrackingConfig | None = None,
                     tags={k: str(v) for k, v in run_tags.items() if v is not None})
             tracker = MlflowTracker(client, uri, experiment_id, run.info.run_id, None, False,
                                     config.flush_interval_s)
+            _runtime_http_setup()
         except Exception as e:  # noqa: BLE001
             log.warning("MLflow tracking at %s is unavailable (%s: %s); the pipeline runs "
                         "without tracking.", uri, type(e).__name__, e)
