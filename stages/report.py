@@ -24,9 +24,7 @@ interval; the verdict only claims what that interval supports.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
-import hashlib
 import importlib.metadata
 import json
 import logging
@@ -51,7 +49,7 @@ from pipeline.io import sha256_file
 from pipeline.params import PARAMS_FILE, ParamsError, load_section, read_params
 from pipeline.tracking import Tracker
 from stages import report_figures as figs
-from stages.report_render import (Badge, Block, Bullets, Figure, Heading, Note, Para, Samples,
+from stages.report_render import (Badge, Block, Bullets, Heading, Note, Para, Samples,
                                   Table, to_html, to_markdown)
 
 QUESTIONS = ("precision", "distribution", "pathway", "settling")
@@ -306,8 +304,11 @@ def summarize_ablation(runs: pd.DataFrame, cfg: ReportConfig) -> dict[str, Varia
     out: dict[str, VariantSummary] = {}
     for variant, group in runs.groupby("variant", sort=False):
         first = group.iloc[0]
+        # The decision metric always gets stats (a diverged seed's NaN makes them NaN and the
+        # verdict "not computable"); other metrics only where every seed reports them (bp has
+        # no pc/settle_steps).
         st = {m: mean_ci(group[m].to_numpy(dtype=float), cfg.confidence)
-              for m in metrics if m in group and group[m].notna().all()}
+              for m in metrics if m in group and (m == cfg.metric or group[m].notna().all())}
         out[str(variant)] = VariantSummary(
             variant=str(variant), question=str(first["question"]), description=str(first["description"]),
             override=json.loads(first["override"]), seeds=sorted(int(s) for s in group["seed"]),
@@ -591,7 +592,7 @@ def fmt_number(v: float, spec: str) -> str:
 
 
 def fmt_mean_ci(s: MeanCI | None, metric: str) -> str:
-    if s is None:
+    if s is None or not math.isfinite(s.mean):
         return "n/a"
     spec = METRICS[metric]
     if s.half is None:
@@ -602,6 +603,8 @@ def fmt_mean_ci(s: MeanCI | None, metric: str) -> str:
 def fmt_diff(d: Diff | None, metric: str) -> str:
     if d is None:
         return "—"
+    if not math.isfinite(d.estimate):
+        return "n/a"
     spec = METRICS[metric]
     sgn = "+" + spec.fmt
     est = fmt_number(d.estimate * spec.scale, sgn)

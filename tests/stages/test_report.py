@@ -193,6 +193,17 @@ def test_single_seed_says_no_interval(tmp_path):
     assert "no detectable difference" not in md.split("## Ablations")[1].split("## Inside")[0]
 
 
+def test_diverged_seed_is_reported_not_hidden(tmp_path):
+    _setup(tmp_path)
+    p = tmp_path / "metrics/ablate/T0-1.json"
+    m = json.loads(p.read_text())
+    m["val/loss"] = float("nan")  # json writes NaN, as a stage does for a diverged run
+    p.write_text(json.dumps(m))
+    md = report.run(tmp_path)["report.md"].read_text()
+    row = next(ln for ln in md.splitlines() if ln.startswith("| T0 "))
+    assert "| n/a | n/a | not computable (non-finite values) |" in row
+
+
 # ------------------------------------------------------------------- failures
 
 def _corrupt(kind: str, root: Path) -> str:
@@ -307,7 +318,9 @@ def test_bp_reference_run_without_pc_diagnostics(tmp_path):
 
 # ------------------------------------------------------------------ browser
 
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+# Debian's packages (.ci/run installs them); an explicit driver path keeps selenium-manager offline.
+CHROMIUM = Path(shutil.which("chromium") or "/usr/bin/chromium")
+CHROMEDRIVER = Path(shutil.which("chromedriver") or "/usr/bin/chromedriver")
 CHROME_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
                 "--disable-dev-shm-usage", "--window-size=1280,1000", "--hide-scrollbars"]
