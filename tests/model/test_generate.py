@@ -140,3 +140,20 @@ def test_kv_cache_positions_and_overflow():
     assert torch.equal(cache.positions(2), torch.tensor([[3, 4], [3, 4]]))
     with pytest.raises(ValueError, match="KV cache full"), torch.no_grad():
         model(torch.zeros(2, 6, dtype=torch.long), kv_cache=cache)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["student_t", "mixture"])
+def test_gpu_train_step_and_generation(kernel):
+    """On CUDA under bf16 autocast: a training step is finite (fused prefill paths), and
+    cached generation runs (bf16 cache, per-row positions, ragged decode masks)."""
+    model = tiny(kernel, settle_steps=1).cuda()
+    idx = torch.randint(0, 64, (4, 32), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = generate(model, PROMPTS, 6, temperature=0.8, top_k=10,
+                       generator=torch.Generator(device="cuda").manual_seed(0))
+    assert [len(r) for r in out] == [6, 6, 6] and all(0 <= t < 64 for r in out for t in r)
