@@ -88,6 +88,7 @@ def test_stage_run_records_params_stepped_metrics_tags_and_artifacts(store, tmp_
         tr.log_dict({"k": 1}, "summary.json")
         tr.log_text("hello", "samples/s0.txt")
         tr.set_tags({"late": "yes"})
+        tr.log_artifact(tmp_path / "meta.json", "report", to_parent=True)
 
     run = store.get_run(tr.run_id)
     assert run.info.status == "FINISHED"
@@ -119,6 +120,7 @@ def test_stage_run_records_params_stepped_metrics_tags_and_artifacts(store, tmp_
     assert parent.data.tags["pcgpt.kind"] == "pipeline"
     assert parent.info.status == "FINISHED"
     assert parent.info.end_time >= run.info.end_time
+    assert [f.path for f in store.list_artifacts(parent.info.run_id, "report")] == ["report/meta.json"]
     # Outside DVC the stage process itself is the pipeline process.
     assert parent.data.tags[tracking.TAG_PIPELINE_KEY] == tracking.pipeline_key()
 
