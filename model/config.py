@@ -120,6 +120,10 @@ class PCConfig:
     """`settle`: backpropagate through only the last k settling steps (0 = all T)."""
     tol: float = 0.0
     """Stop settling early when the residual ‖∂E/∂x‖ falls below this (0 = never)."""
+    laplace_eps: float = 1e-2
+    """`laplace` errors: ε in ρ = √(π e² + ε) − √ε, a smooth |e| (in standardised units) so
+    settling has a gradient and finite curvature (π/√ε) at e = 0; a smaller ε is closer to
+    the sparse Laplace energy but needs state_lr < 2√ε/π to settle without oscillating."""
 
     def __post_init__(self) -> None:
         _one_of("pc.algorithm", self.algorithm, PC_ALGORITHMS)
@@ -139,11 +143,16 @@ class PCConfig:
         if self.precision_min >= self.precision_max:
             raise ValueError(f"pc.precision_min={self.precision_min!r}: must be < "
                              f"pc.precision_max={self.precision_max!r}")
+        if self.precision != "fixed" and not self.precision_min < 1 < self.precision_max:
+            raise ValueError(f"pc.precision_min={self.precision_min!r}, pc.precision_max="
+                             f"{self.precision_max!r}: a learned precision starts at pi = 1, "
+                             "so the clamp range must contain 1")
         _positive("pc.nu_init", self.nu_init)
         _one_of("pc.error_pathway", self.error_pathway, PC_PATHWAYS)
         _positive("pc.output_weight", self.output_weight)
         _int_at_least("pc.truncate", self.truncate, 0)
         _positive("pc.tol", self.tol, allow_zero=True)
+        _positive("pc.laplace_eps", self.laplace_eps)
 
 
 @dataclass

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import pc
 from .attention import CausalSelfAttention, rotary_tables
 from .config import GPTConfig
 
@@ -63,6 +64,10 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm_f = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # The PC energy's precision / ν exist only for the PC algorithms, so `bp` has exactly the
+        # baseline's parameters; they are 1-D with a deterministic init, so they draw nothing from
+        # the RNG and a PC model's weights equal the baseline's for the same seed.
+        self.pc_energy = pc.PCEnergy(config) if config.pc.algorithm != "bp" else None
         cos, sin = rotary_tables(config.block_size, config.head_dim, config.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, D/2)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -122,8 +127,9 @@ class GPT(nn.Module):
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-        """Mean cross-entropy over targets that are not `ignore_index` (computed in fp32)."""
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1),
+        """Mean cross-entropy over targets that are not `ignore_index` (computed in fp32, or wider)."""
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1),
                                ignore_index=self.config.ignore_index, label_smoothing=label_smoothing)
 
     # -- the model -------------------------------------------------------------
@@ -148,13 +154,29 @@ class GPT(nn.Module):
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One micro-step's gradients for whatever `config.pc.algorithm` says.
 
-        Adds grad_scale × ∂(objective) to every `.grad` (so gradient accumulation
-        works with grad_scale = 1/accum_steps) and returns (loss, diagnostics):
-        the detached training loss and a dict of detached tensors. The training
-        loop calls only this, then clips and steps its optimizer, never branching
-        on the algorithm. `optimizer` is used only by algorithms that update the
-        weights inside the step (ipc).
+        What the caller can rely on, for every algorithm:
+        - grad_scale × ∂(objective) is *added* to `.grad` of every trainable
+          parameter that the objective reaches (grad_scale > 0; 1/accum_steps
+          for gradient accumulation); nothing else in `.grad` is touched. The
+          objective is CE for `bp`, E/β for the PC algorithms (model/pc.py),
+          whose gradient has the scale of CE's.
+        - the returned loss is the detached mean cross-entropy of the forward
+          pass on this batch (the model's prediction without a target, the same
+          quantity for every algorithm), measured before any weight change;
+        - diagnostics is a dict of detached tensors keyed by metric name
+          (empty for `bp`; model/pc.py lists the PC keys);
+        - `optimizer` is used by `ipc` only (required there when
+          pc.settle_steps > 0): it takes T inner `optimizer.step()`s on this
+          batch's own gradients (grad_scale × ..., not clipped, learning-rate
+          schedule not advanced), restores the gradients accumulated before
+          the call and adds the last step's gradient on top, so the caller's
+          usual clip + `optimizer.step()` + `zero_grad()` is the (T+1)-th step.
+        The training loop calls only this, then clips and steps its optimizer,
+        never branching on the algorithm.
         """
+        if self.config.pc.algorithm != "bp":
+            return pc.training_step(self, idx, targets, grad_scale=grad_scale,
+                                    label_smoothing=label_smoothing, optimizer=optimizer)
         logits, _ = self(idx)
         loss = self.loss(logits, targets, label_smoothing)
         (loss * grad_scale).backward()
