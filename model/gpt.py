@@ -171,6 +171,8 @@ class GPT(nn.Module):
           schedule not advanced), restores the gradients accumulated before
           the call and adds the last step's gradient on top, so the caller's
           usual clip + `optimizer.step()` + `zero_grad()` is the (T+1)-th step.
+          The inner steps see this rank's gradients only (no all-reduce): under
+          data parallelism the replicas drift apart, so run ipc on one device.
         The training loop calls only this, then clips and steps its optimizer,
         never branching on the algorithm.
         """

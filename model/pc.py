@@ -506,8 +506,16 @@ def _settle_step(model, idx, targets, grad_scale, label_smoothing, optimizer):
     through SDPA's math backend (T = 0 needs no double backward and keeps the fused one)."""
     if model.config.pc.settle_steps == 0:
         return _settle_unrolled(model, idx, targets, grad_scale, label_smoothing)
-    with sdpa_kernel([SDPBackend.MATH]):
-        return _settle_unrolled(model, idx, targets, grad_scale, label_smoothing)
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            return _settle_unrolled(model, idx, targets, grad_scale, label_smoothing)
+    except (NotImplementedError, RuntimeError) as err:
+        if "derivative" not in str(err) and "double backward" not in str(err):
+            raise
+        raise NotImplementedError(
+            f"pc.algorithm='settle' differentiates through the settling steps (a double backward), "
+            f"and attention.kernel={model.config.attention.kernel!r} runs through an op without one "
+            f"({err}); use pc.algorithm pc or ipc, or a dot/gaussian/mixture kernel") from err
 
 
 def _settle_unrolled(model, idx, targets, grad_scale, label_smoothing):

@@ -207,6 +207,20 @@ def test_settle_truncation():
         assert rel_err(grads(short)[n], g) < 1e-6, n
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_settle_runs_or_says_why_for_every_kernel(kernel):
+    """Unrolled settling needs a double backward through attention: fused SDPA has none, so the
+    steps run SDPA's math backend; a kernel whose path has none must say so, not crash obscurely."""
+    model = make("settle", kernel=kernel, settle_steps=2)
+    try:
+        loss, _ = model.training_step(*batch())
+    except NotImplementedError as err:
+        assert "double backward" in str(err) and "pc or ipc" in str(err)
+        assert kernel not in ("dot", "gaussian", "mixture")  # these go through SDPA
+    else:
+        assert torch.isfinite(loss) and model.lm_head.weight.grad is not None
+
+
 def test_ipc_steps_inside_and_keeps_accumulated_gradients():
     model = make("ipc", settle_steps=3, state_lr=0.1)
     idx, tgt = batch()
