@@ -90,7 +90,9 @@ class PCConfig:
     """`bp` backprop (the control), `settle` unrolled settling, `pc` inference learning,
     `ipc` incremental PC (a weight step at every settling step)."""
     settle_steps: int = 0
-    """T: gradient steps on the value nodes x_l before learning."""
+    """T: gradient steps on the value nodes x_l before learning. For `pc` and `ipc` the
+    error starts at the output and moves down one layer per step, so with T < n_layer the
+    bottom n_layer − T blocks and the embedding get no gradient at all: use T >= n_layer."""
     state_lr: float = 0.1
     """Step size of settling (SGD on the states)."""
     state_momentum: float = 0.0

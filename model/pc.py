@@ -202,7 +202,8 @@ class _Batch:
         self.energy: PCEnergy = model.pc_energy
         self.cos, self.sin = model.rotary(idx.size(1))
         # N: the scored targets (CE's denominator); N·β turns E's gradient into each token's own.
-        self.n = (targets != model.config.ignore_index).sum().clamp(min=1)
+        wide = torch.promote_types(model.lm_head.weight.dtype, torch.float32)
+        self.n = (targets != model.config.ignore_index).sum().clamp(min=1).to(wide)
         self.n_beta = self.n * self.pc.output_weight
 
     def first_prediction(self) -> torch.Tensor:
@@ -292,7 +293,7 @@ class Settled:
     energy_before: torch.Tensor
     """(L+1,) per-layer energies at the forward pass, then β·CE."""
     trace: list[torch.Tensor] = field(default_factory=list)
-    """Total energy E at x_0 .. x_{steps-1} (filled when asked for)."""
+    """Total energy E at x_0 .. x_steps (filled when asked for)."""
     mu0: torch.Tensor | None = None
     """Layer 0's prediction, with its parameter graph (for the local gradients)."""
     forward: tuple | None = None
@@ -529,11 +530,12 @@ def _settle_unrolled(model, idx, targets, grad_scale, label_smoothing):
     loss = ev0_ce.detach()
     before = batch.energies_at_forward(ev0_ce, states[0])
     taken, at_forward = 0, T == k
-    if T > k:
-        # the first T−k steps: plain settling of detached copies (constants for the gradient)
-        states, taken = _settle_free_from(batch, mu0.detach(), [s.detach() for s in states], T - k)
-        states = [s.requires_grad_() for s in states]
     velocity: list = [None] * len(states)
+    if T > k:
+        # the first T−k steps: plain settling of detached copies (constants for the gradient,
+        # momentum included); the trajectory is the same as without truncation
+        states, velocity, taken = _settle_free_from(batch, mu0.detach(), [s.detach() for s in states], T - k)
+        states = [s.requires_grad_() for s in states]
     for t in range(k):
         if at_forward and t == 0:
             # forward-pass start: e_l ≡ 0 as functions of θ, so only the output term has a gradient
@@ -566,7 +568,7 @@ def _settle_unrolled(model, idx, targets, grad_scale, label_smoothing):
 
 
 def _settle_free_from(batch: _Batch, mu0: torch.Tensor, states: list[torch.Tensor], T: int):
-    """Plain (non-differentiated) settling from given states; returns (states, steps taken)."""
+    """Plain (non-differentiated) settling from given states; returns (states, momentum, steps)."""
     velocity: list = [None] * len(states)
     taken = 0
     for _ in range(T):
@@ -578,7 +580,7 @@ def _settle_free_from(batch: _Batch, mu0: torch.Tensor, states: list[torch.Tenso
             break
         states = _momentum_step(states, grads, velocity, batch.pc)
         taken += 1
-    return states, taken
+    return states, velocity, taken
 
 
 def _ipc_step(model, idx, targets, grad_scale, label_smoothing, optimizer):

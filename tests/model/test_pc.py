@@ -163,6 +163,20 @@ def test_early_stop_on_residual_and_inference_settling_is_a_no_op():
             assert torch.equal(state, x)
 
 
+@pytest.mark.parametrize("algorithm", ["pc", "ipc"])
+def test_errors_reach_one_layer_per_step(algorithm):
+    """The output error moves down one layer per settling step: with T < n_layer the bottom
+    blocks and the embedding learn nothing (PCConfig.settle_steps says so); T = n_layer reaches all."""
+    idx, tgt = batch()
+    for T, frozen in ((2, ("wte", "blocks.0.")), (3, ())):
+        model = make(algorithm, n_layer=3, settle_steps=T, state_lr=0.3)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)  # ipc's inner steps leave the weights alone
+        model.training_step(idx, tgt, optimizer=opt)
+        for n, g in grads(model).items():
+            no_gradient = g is None or not g.any()
+            assert no_gradient == n.startswith(frozen), (T, n)
+
+
 def test_error_pathways_cut_what_they_say():
     idx, tgt = batch()
     model = make("pc", n_layer=3, settle_steps=6, state_lr=0.3, error_pathway="bottom_up")
@@ -192,11 +206,16 @@ def test_settling_runs_in_fp32_under_bf16_autocast():
 # ------------------------------------------------------------------ the algorithms
 def test_settle_truncation():
     idx, tgt = batch()
-    full, same = (make("settle", dtype=torch.float64, settle_steps=4, truncate=k) for k in (0, 4))
-    full.training_step(idx, tgt)
+    kw = dict(dtype=torch.float64, settle_steps=4, state_momentum=0.5)
+    full, same, last2 = (make("settle", truncate=k, **kw) for k in (0, 4, 2))
+    _, d_full = full.training_step(idx, tgt)
     same.training_step(idx, tgt)
+    _, d_last2 = last2.training_step(idx, tgt)
     for n, g in grads(full).items():
         assert torch.equal(grads(same)[n], g), n
+    # truncation changes the gradient, not the trajectory (momentum carried over)
+    assert torch.allclose(d_last2["pc/energy_after"], d_full["pc/energy_after"], rtol=1e-12)
+    assert rel_err(grads(last2)["wte.weight"], grads(full)["wte.weight"]) > 1e-6
     # long settling, only the last step differentiated: the envelope theorem leaves pc's local gradient
     kw = dict(settle_steps=120, state_lr=0.5, output_weight=0.01)
     short, local = small_head("settle", truncate=1, **kw), small_head("pc", **kw)
