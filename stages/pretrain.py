@@ -12,8 +12,8 @@ Writes: models/<run>/model.safetensors + meta.json (model config, stage config,
         checkpoints/<run>/                       resumable state (scratch, not a DVC out)
         an MLflow stage run (pipeline/tracking.py) with the final model registered
         as `<tracking.registered_model>-<run>` (alias `tracking.model_alias`).
-Run:    python -m stages.pretrain --run baseline          (or `dvc repro pretrain@baseline`)
-        torchrun --nproc_per_node=N -m stages.pretrain --run baseline   (DDP)
+Run:    python -m stages.pretrain baseline          (or `dvc repro pretrain@baseline`)
+        torchrun --nproc_per_node=N -m stages.pretrain baseline   (DDP)
 
 The core is `train(cfg, run, paths, tracker)`, importable so that the `ablate`
 stage reuses this loop with a modified config and a short schedule.
@@ -48,6 +48,7 @@ import argparse
 import copy
 import dataclasses
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -67,6 +68,7 @@ import torch.distributed as dist
 
 from model.config import GPTConfig, PCConfig
 from model.gpt import GPT
+from model.utils import PEAK_FLOPS, flops_per_token, make_optimizer, mfu
 from pipeline.io import atomic_path, write_json, write_text
 from pipeline.params import ParamsError, build, load_section, read_params, to_dict
 from stages import pretrain_ckpt as ckpt
@@ -76,9 +78,6 @@ ENV_DEBUG_NAN = "PCGPT_DEBUG_NAN_AT_STEP"
 VOCAB_MULTIPLE = 64
 EXIT_NONFINITE = 3
 CURVE_COLUMNS = ("step", "tokens", "wall_s", "train_loss", "val_loss", "lr")
-# Nominal dense bf16 peak per device for MFU. CPU: none is meaningful across hosts,
-# so MFU is reported as 0 there.
-PEAK_FLOPS_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 # --------------------------------------------------------------------------- config
@@ -315,6 +314,11 @@ def setup_runtime(train: TrainConfig) -> Runtime:
         torch.backends.cudnn.allow_tf32 = True
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # Flush denormals to zero, before set_num_threads creates the worker threads (they
+    # inherit the flag; threads made earlier do not): on this x86 CPU, subnormal floats
+    # in the backward made CPU steps up to 30x slower. Values below ~1e-38 do not
+    # matter to training; CUDA kernels are unaffected.
+    torch.set_flush_denormal(True)
     threads = train.threads or max(1, (os.cpu_count() or 1) // local_world)
     torch.set_num_threads(threads)
     if train.deterministic:
@@ -355,40 +359,13 @@ def set_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def make_optimizer(model: GPT, t: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices/embeddings only; Muon via model/utils.py."""
-    try:
-        from model.utils import make_optimizer as model_make_optimizer
-    except ImportError:
-        model_make_optimizer = None
-    if model_make_optimizer is not None:
-        return model_make_optimizer(model, kind=t.optimizer, lr=t.lr, weight_decay=t.weight_decay,
-                                    betas=(t.beta1, t.beta2))
-    if t.optimizer != "adamw":
-        raise ParamsError("train.optimizer: 'muon' needs model/utils.py make_optimizer")
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}],
-                             lr=t.lr, betas=(t.beta1, t.beta2), fused=False)
-
-
-def flops_per_token(config: GPTConfig) -> float:
-    """Training FLOPs per token (6N + attention), from model/utils.py when present."""
-    try:
-        from model.utils import flops_per_token as f
-        return float(f(config))
-    except ImportError:
-        n = config.n_layer * 12 * config.n_embd ** 2 + config.n_embd * config.vocab_size
-        return 6 * n + 12 * config.n_layer * config.n_embd * config.block_size
-
-
 def peak_flops(device: torch.device) -> float:
-    """Peak bf16 FLOP/s of one device (0 where unknown: CPU, unlisted GPUs)."""
+    """Dense bf16 peak FLOP/s of one device (model/utils.py PEAK_FLOPS); 0 where unknown:
+    CPUs (no peak is meaningful across hosts) and unlisted GPUs, whose MFU is then 0."""
     if device.type != "cuda":
         return 0.0
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS_BF16.items() if k in name), 0.0)
+    name = torch.cuda.get_device_name(device).lower()
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), 0.0)
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -429,67 +406,43 @@ def evaluate(model: GPT, batches, rt: Runtime, autocast, bytes_per_token: float)
 def attention_map(model: GPT, x: torch.Tensor, layer: int = 0, head: int = 0) -> list[list[float]]:
     """Attention probabilities (query rows) of one head on one window, for any kernel.
 
-    The block's own `attend(q, k, v)` is called with v = identity: its output
-    Σ_j p_ij v_j is then exactly the probability row p_i.
+    Captures the arguments of the attention call of block `layer` (model/attention.py's
+    `attention(q, k, v, params, mask=...)`) and calls it again with v = identity:
+    the output Σ_j p_ij v_j is then exactly the probability row p_i.
     """
-    attn = model.blocks[layer].attn
-    captured = {}
-    original = attn.attend
+    attention_module = importlib.import_module("model.attention")  # the package re-exports
+    original = attention_module.attention
+    calls: list[tuple] = []
 
-    def spy(q, k, v):
-        captured["q"], captured["k"] = q, k
-        return original(q, k, v)
+    def spy(q, k, v, p, **kw):
+        if not kw.get("settle"):
+            calls.append((q, k, p, kw))
+        return original(q, k, v, p, **kw)
 
-    attn.attend = spy
+    was_training = model.training
+    model.eval()
+    attention_module.attention = spy
     try:
-        model.eval()
         model(x)
     finally:
-        attn.attend = original
-        model.train()
-    q, k = captured["q"], captured["k"]
+        attention_module.attention = original
+        model.train(was_training)
+    q, k, p, kw = calls[layer]
     S = k.shape[-2]
     eye = torch.eye(S, dtype=q.dtype, device=q.device).expand(k.shape[0], k.shape[1], S, S)
-    probs = original(q, k, eye.contiguous())  # (B, H, T, S)
+    probs = original(q, k, eye.contiguous(), p, **kw)  # (B, H, T, S)
     return probs[0, head].float().tolist()
 
 
 def generate_samples(model: GPT, tokenizer, t: TrainConfig, seed: int, device) -> list[dict[str, str]]:
     """Completions of the fixed prompts, sampled with a seeded generator (same seed, same text)."""
+    from model.generate import generate
+
     prompts = [[tokenizer.bos_id, *tokenizer.encode(p)] for p in t.sample_prompts]
     gen = torch.Generator(device=device).manual_seed(seed)
-    model.eval()
-    out = sample(model, prompts, max_new_tokens=t.sample_tokens, temperature=t.sample_temperature,
-                 top_k=t.sample_top_k or None, generator=gen)
-    model.train()
+    out = generate(model, prompts, t.sample_tokens, temperature=t.sample_temperature,
+                   top_k=t.sample_top_k or None, generator=gen)
     return [{"prompt": p, "completion": tokenizer.decode(ids)} for p, ids in zip(t.sample_prompts, out)]
-
-
-def sample(model: GPT, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
-           top_k: int | None, generator: torch.Generator) -> list[list[int]]:
-    """New token ids for each prompt: model/generate.py's `generate` when present."""
-    try:
-        from model.generate import generate
-    except ImportError:
-        generate = None
-    if generate is not None:
-        return generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                        top_k=top_k, generator=generator)
-    device = model.lm_head.weight.device
-    out = []
-    with torch.no_grad():
-        for p in prompts:
-            ids = torch.tensor([p], device=device)
-            for _ in range(max_new_tokens):
-                logits, _ = model(ids[:, -model.config.block_size:])
-                logits = logits[:, -1].float() / temperature
-                if top_k:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
-                ids = torch.cat([ids, nxt], 1)
-            out.append(ids[0, len(p):].tolist())
-    return out
 
 
 # --------------------------------------------------------------------------- outputs
@@ -558,7 +511,8 @@ def train(cfg: PretrainConfig, run: str, paths: RunPaths, tracker=None, *,
 
     torch.manual_seed(cfg.seed)
     model = GPT(gcfg).to(rt.device)
-    optimizer = make_optimizer(model, t)
+    optimizer = make_optimizer(model, kind=t.optimizer, lr=t.lr, weight_decay=t.weight_decay,
+                               betas=(t.beta1, t.beta2))
     chash = config_hash(cfg)
     state = {"step": 0, "tokens": 0, "best_val": float("inf"), "curve": [], "wall_s": 0.0,
              "last": {}}
@@ -694,7 +648,7 @@ def train(cfg: PretrainConfig, run: str, paths: RunPaths, tracker=None, *,
                 state["wall_s"] = wall_before + (now - session_t0)
                 metrics = {"train/loss": train_loss, "lr": lr, "perf/step_ms": step_s * 1e3,
                            "perf/tok_per_s": tok_s,
-                           "perf/mfu_pct": 100 * fpt * tok_s / peak if peak else 0.0,
+                           "perf/mfu_pct": 100 * mfu(tok_s, fpt, peak) if peak else 0.0,
                            "tokens": state["tokens"]}
                 state["last"].update(metrics)
                 if rt.is_main:
@@ -733,19 +687,32 @@ def train(cfg: PretrainConfig, run: str, paths: RunPaths, tracker=None, *,
     if timed["steps"]:
         step_s = timed["s"] / timed["steps"]
         last.update({"perf/step_ms": step_s * 1e3, "perf/tok_per_s": step_tokens / step_s,
-                     "perf/mfu_pct": 100 * fpt * step_tokens / step_s / peak if peak else 0.0})
+                     "perf/mfu_pct": 100 * mfu(step_tokens / step_s, fpt, peak) if peak else 0.0})
     final = {"run": run, "step": state["step"], "tokens": state["tokens"],
              "wall_s": round(wall_before + time.perf_counter() - session_t0, 3),
              **{k: last[k] for k in ("train/loss", "val/loss", "val/ppl", "val/bpb", "val/acc",
                                      "perf/tok_per_s", "perf/mfu_pct", "perf/step_ms") if k in last},
              "val/unigram_bpb": unigram, "mem/peak_gib": peak_memory_gib(rt.device),
              "device": device_name, "n_params": n_params,
-             **diagnostics_metrics(diag)}
+             **attention_precisions(model), **diagnostics_metrics(diag)}
     if rt.is_main:
-        _write_outputs(model, cfg, gcfg, run, paths, tracker, tokenizer, shards, state, final, val)
+        with torch.compiler.set_stance("force_eager"):  # generation: varying shapes, run eager
+            _write_outputs(model, cfg, gcfg, run, paths, tracker, tokenizer, shards, state, final, val)
     if rt.world > 1:
         dist.barrier()
     return final
+
+
+def attention_precisions(model: GPT) -> dict[str, float]:
+    """`attn/precision/<layer>/<head>`: each head's learned attention precision λ (none for
+    `dot`/`fixed`). PC algorithms report them in their diagnostics too; bp runs get them here."""
+    out = {}
+    for l, block in enumerate(model.blocks):
+        fn = getattr(block.attn, "precision", None)
+        lam = fn() if callable(fn) else None
+        if lam is not None:
+            out.update({f"attn/precision/{l}/{h}": float(v) for h, v in enumerate(lam.flatten().tolist())})
+    return out
 
 
 def _scalar_diag(diag: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -826,7 +793,8 @@ def _code_paths() -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m stages.pretrain", description=__doc__.splitlines()[0])
-    ap.add_argument("--run", required=True, help="a key of params.yaml `runs` (baseline, pcgpt, ...)")
+    ap.add_argument("run", help="a key of params.yaml `runs` (baseline, pcgpt, ...); positional, "
+                    "because torchrun would take a --run option for its own --run-path")
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
     from pipeline import tracking

@@ -13,8 +13,13 @@ Logged by the `pretrain` stage with two artifacts, `model_dir` (model.safetensor
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 import mlflow.pyfunc
+
+# predict() has no type hints on purpose (the signature below validates instead), so
+# MLflow's suggestion to add them is noise in every stage log.
+warnings.filterwarnings("ignore", message=r".*type hints to the `predict` method.*")
 
 DEFAULT_PARAMS = {"max_new_tokens": 64, "temperature": 0.8, "top_k": 50, "seed": 0}
 
@@ -51,7 +56,7 @@ class GPTGenerator(mlflow.pyfunc.PythonModel):
         # validate inputs against them; the signature() above does that instead
         import torch
 
-        from stages.pretrain import sample
+        from model.generate import generate
 
         p = {**DEFAULT_PARAMS, **(params or {})}
         if hasattr(model_input, "columns"):  # a DataFrame: the `prompt` column (or the first)
@@ -64,7 +69,7 @@ class GPTGenerator(mlflow.pyfunc.PythonModel):
         tok = self.tokenizer
         ids = [[tok.bos_id, *tok.encode(s)] for s in prompts]
         gen = torch.Generator().manual_seed(int(p["seed"]))
-        out = sample(self.model, ids, max_new_tokens=int(p["max_new_tokens"]),
-                     temperature=float(p["temperature"]), top_k=int(p["top_k"]) or None,
-                     generator=gen)
+        out = generate(self.model, ids, int(p["max_new_tokens"]),
+                       temperature=float(p["temperature"]), top_k=int(p["top_k"]) or None,
+                       generator=gen)
         return [s + tok.decode(o) for s, o in zip(prompts, out)]

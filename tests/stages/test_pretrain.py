@@ -1,0 +1,311 @@
+"""The pretrain stage: exact resume after SIGKILL, NaN guard, corrupt checkpoints, bad params,
+DDP with gloo, tracking down; plus the loop's pure pieces (lr schedule, sampler, bpb, attention map).
+
+Everything runs a 2-layer, 32-wide model on a seeded char corpus written by
+tests/stages/pretrain_helpers.py, on CPU with one thread per process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.params import ParamsError
+from stages import pretrain_ckpt as ckpt
+from stages.pretrain import (PretrainConfig, RunPaths, TrainConfig, attention_map, config_hash,
+                             load_config, lr_at, train)
+from stages.pretrain_data import load_shards, train_batch, unigram_bpb, val_batches
+from tests.stages.pretrain_helpers import env, run_stage, workspace, write_params
+
+OUTPUTS = ("models/baseline/model.safetensors", "models/baseline/meta.json",
+           "metrics/pretrain/baseline.json", "metrics/pretrain/baseline_curve.tsv",
+           "metrics/pretrain/baseline_samples.json", "metrics/pretrain/baseline_attention.json")
+
+
+def weights(root: Path, run: str = "baseline") -> dict[str, torch.Tensor]:
+    return load_file(str(root / "models" / run / "model.safetensors"))
+
+
+def assert_ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+
+
+def in_process(root: Path, run: str = "baseline") -> tuple[PretrainConfig, RunPaths]:
+    cfg = load_config(run, path=root / "params.yaml")
+    m = cfg.train
+    for name in ("models_dir", "metrics_dir", "checkpoints_dir"):
+        setattr(m, name, str(root / getattr(m, name)))
+    return cfg, RunPaths.for_run(run, m, root / "data/tokens", root / "data/tokenizer")
+
+
+# ------------------------------------------------------------------------ the stage end to end
+
+def test_stage_writes_every_output_and_beats_unigram(tmp_path):
+    root = workspace(tmp_path / "w", train={"steps": 60, "eval_every": 20})
+    assert_ok(run_stage(root, "baseline"))
+    for rel in OUTPUTS:
+        assert (root / rel).is_file(), rel
+    m = json.loads((root / "metrics/pretrain/baseline.json").read_text())
+    for key in ("run", "step", "tokens", "wall_s", "train/loss", "val/loss", "val/ppl", "val/bpb",
+                "val/acc", "val/unigram_bpb", "perf/tok_per_s", "perf/mfu_pct", "perf/step_ms",
+                "mem/peak_gib", "device", "n_params"):
+        assert key in m, key
+    assert m["step"] == 60 and m["tokens"] == 60 * 4 * 32
+    assert m["val/bpb"] < m["val/unigram_bpb"], m
+    assert math.isclose(m["val/ppl"], math.exp(m["val/loss"]), rel_tol=1e-6)
+    curve = (root / "metrics/pretrain/baseline_curve.tsv").read_text().splitlines()
+    assert curve[0].split("\t") == ["step", "tokens", "wall_s", "train_loss", "val_loss", "lr"]
+    assert [int(r.split("\t")[0]) for r in curve[1:]] == [20, 40, 60]
+    meta = json.loads((root / "models/baseline/meta.json").read_text())
+    assert meta["step"] == 60 and meta["model"]["vocab_size"] % 64 == 0
+    assert meta["tokenizer_sha256"] == json.loads((root / "data/tokens/meta.json").read_text())["tokenizer_sha256"]
+    att = json.loads((root / "metrics/pretrain/baseline_attention.json").read_text())
+    assert len(att["weights"]) == len(att["tokens"]) == 32
+    samples = json.loads((root / "metrics/pretrain/baseline_samples.json").read_text())
+    assert samples[0]["prompt"] == "the king" and samples[0]["completion"]
+
+
+def test_sigkill_then_resume_is_bit_identical(tmp_path):
+    """A run SIGKILLed mid-training (possibly mid-checkpoint) and resumed with resume: auto
+    ends with the same weights, metrics and samples as an uninterrupted run."""
+    train_params = {"steps": 300, "save_every": 20, "eval_every": 50, "log_every": 10}
+    ref = workspace(tmp_path / "ref", train=train_params)
+    assert_ok(run_stage(ref, "baseline"))
+
+    root = workspace(tmp_path / "killed", train=train_params)
+    proc = subprocess.Popen([sys.executable, "-m", "stages.pretrain", "baseline"], cwd=root,
+                            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ck_dir = root / "checkpoints" / "baseline"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list(ck_dir.glob("step_*.json")):
+        time.sleep(0.005)
+    time.sleep(0.05)  # somewhere after the first checkpoint, not at it
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (root / "models/baseline/model.safetensors").exists(), "the run finished before the kill"
+    killed_at = max(c.step for c in ckpt.valid_checkpoints(ck_dir))
+    assert killed_at < 300
+
+    resumed = run_stage(root, "baseline")
+    assert_ok(resumed)
+    assert "resumed from" in resumed.stderr
+    a, b = weights(ref), weights(root)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    m_ref = json.loads((ref / "metrics/pretrain/baseline.json").read_text())
+    m_res = json.loads((root / "metrics/pretrain/baseline.json").read_text())
+    for k in ("val/loss", "val/acc", "train/loss", "tokens", "step"):
+        assert m_ref[k] == m_res[k], k
+    for name in ("baseline_samples.json", "baseline_attention.json"):
+        assert (ref / "metrics/pretrain" / name).read_text() == (root / "metrics/pretrain" / name).read_text()
+    curve = lambda r: [l.split("\t")[:2] + l.split("\t")[3:] for l in  # noqa: E731 (wall_s differs)
+                       (r / "metrics/pretrain/baseline_curve.tsv").read_text().splitlines()]
+    assert curve(ref) == curve(root)
+
+
+def test_nan_loss_stops_naming_step_and_checkpoint_and_writes_nothing(tmp_path):
+    root = workspace(tmp_path / "w")
+    assert_ok(run_stage(root, "baseline"))
+    before = {rel: (root / rel).read_bytes() for rel in OUTPUTS}
+    write_params(root, train={"resume": "never"})
+    proc = run_stage(root, "baseline", PCGPT_DEBUG_NAN_AT_STEP="17")
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "at step 17" in proc.stderr and "step_00000015.pt" in proc.stderr, proc.stderr[-3000:]
+    assert {rel: (root / rel).read_bytes() for rel in OUTPUTS} == before
+    steps = [c.step for c in ckpt.valid_checkpoints(root / "checkpoints/baseline")]
+    assert max(steps) == 15, steps
+
+
+def test_corrupt_checkpoint_is_skipped_with_a_warning(tmp_path):
+    root = workspace(tmp_path / "w", train={"steps": 20, "save_every": 5, "keep_last": 3})
+    cfg, paths = in_process(root)
+    train(cfg, "baseline", paths, progress=False)
+    ref = {k: v.clone() for k, v in weights(root).items()}
+    # Truncate the newest checkpoint and flip a byte in the one before: both must be skipped.
+    newest = paths.checkpoints / "step_00000020.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    older = paths.checkpoints / "step_00000015.pt"
+    data = bytearray(older.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    older.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="truncated or corrupt") as rec:
+        info = ckpt.latest(paths.checkpoints, config_hash(cfg))
+    assert info.step == 10 and len(rec) == 2
+    with pytest.warns(UserWarning, match="step_00000020.pt"):
+        train(cfg, "baseline", paths, progress=False)  # resumes from step 10, redoes 11..20
+    for k, v in weights(root).items():
+        assert torch.equal(v, ref[k]), k
+
+
+def test_checkpoints_of_another_config_are_not_resumed(tmp_path):
+    root = workspace(tmp_path / "w", train={"steps": 10, "save_every": 5})
+    cfg, paths = in_process(root)
+    train(cfg, "baseline", paths, progress=False)
+    cfg.train.lr *= 2
+    with pytest.warns(UserWarning, match="different config"):
+        assert ckpt.latest(paths.checkpoints, config_hash(cfg)) is None
+
+
+def test_rotation_keeps_last_k_and_best(tmp_path):
+    for step, val in ((5, 1.0), (10, 0.5), (15, 0.7), (20, 0.9), (25, 0.8)):
+        ckpt.save(tmp_path, step, {"x": torch.zeros(2)}, val_loss=val, config_hash="h")
+        ckpt.rotate(tmp_path, keep_last=2)
+    assert [c.step for c in ckpt.valid_checkpoints(tmp_path)] == [10, 20, 25]
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"train": {"lrr": 1.0}}, "train.lrr: unknown key"),
+    ({"train": {"steps": "many"}}, "train.steps: expected an integer"),
+    ({"train": {"steps": 0}}, "steps: must be >= 1"),
+    ({"model": {"n_embd": 30}}, "n_embd=30"),
+    ({"model": {"vocab_size": 100}}, "model.vocab_size: not a model param"),
+    ({"model": {"attention": {"kernel": "cosine"}}}, "attention.kernel='cosine'"),
+    ({"pc": {"algorithm": "magic"}}, "pc.algorithm='magic'"),
+    ({"runs": {"baseline": {"optim": {}}}}, "runs.baseline.optim: unknown section"),
+    ({"runs": {"baseline": {"train": {"decay": "step"}}}}, "train.decay: 'step' is not allowed"),
+    ({"runs": {"other": {}}}, "runs.baseline: no such run (known: other)"),
+])
+def test_bad_params_are_named(params, message):
+    base = {"seed": 1, "model": {"n_layer": 2, "n_head": 2, "n_embd": 32}, "pc": {}, "train": {},
+            "runs": {"baseline": {}}}
+    for section, value in params.items():
+        base[section] = {**base[section], **value} if section != "runs" else value
+    with pytest.raises(ParamsError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config("baseline", base)
+
+
+def test_bad_params_fail_before_work(tmp_path):
+    root = workspace(tmp_path / "w", train={"micro_batch": -1})
+    proc = run_stage(root, "baseline")
+    assert proc.returncode != 0 and "micro_batch: must be >= 1" in proc.stderr
+    assert not (root / "checkpoints").exists()
+
+
+def test_ddp_two_gloo_processes_complete_and_save_once(tmp_path):
+    """torchrun with 2 CPU processes: one MLflow run, one set of checkpoints and outputs."""
+    root = workspace(tmp_path / "w", train={"steps": 12, "save_every": 6, "eval_every": 6,
+                                            "batch_tokens": 256}, tracking=True)
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "stages.pretrain", "baseline"],
+        cwd=root, env=env(MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}", OMP_NUM_THREADS="1"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = launcher.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)  # torchrun and both workers (their own group)
+        raise
+    proc = subprocess.CompletedProcess(launcher.args, launcher.returncode, out, err)
+    assert_ok(proc)
+    assert proc.stdout.count("pretrain@baseline: step 12") == 1, proc.stdout
+    m = json.loads((root / "metrics/pretrain/baseline.json").read_text())
+    assert m["step"] == 12 and m["tokens"] == 12 * 256  # 2 ranks x 4 seqs x 32 tokens x accum 1
+    ck = sorted(p.name for p in (root / "checkpoints/baseline").iterdir())
+    assert ck == ["step_00000006.json", "step_00000006.pt", "step_00000012.json", "step_00000012.pt"]
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("pcgpt-test")
+    runs = client.search_runs([exp.experiment_id], "tags.`pcgpt.kind` = 'stage'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+
+
+def test_tracking_down_still_completes(tmp_path):
+    root = workspace(tmp_path / "w", train={"steps": 10}, tracking=True)
+    proc = run_stage(root, "baseline", MLFLOW_TRACKING_URI="http://127.0.0.1:9")
+    assert_ok(proc)
+    assert "unavailable" in proc.stderr
+    assert json.loads((root / "metrics/pretrain/baseline.json").read_text())["step"] == 10
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_nonzero(tmp_path):
+    root = workspace(tmp_path / "w", train={"steps": 100000, "save_every": 100000})
+    proc = subprocess.Popen([sys.executable, "-m", "stages.pretrain", "baseline"], cwd=root,
+                            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.extend(iter(lambda: proc.stderr.read(1), "")))
+    reader.start()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and "pretrain@baseline:" not in "".join(err):
+        time.sleep(0.05)  # the progress bar appears once the signal handlers are installed
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    reader.join()
+    text = "".join(err)
+    assert proc.returncode == 128 + signal.SIGTERM, text[-2000:]
+    assert "stopped by SIGTERM" in text
+    found = ckpt.valid_checkpoints(root / "checkpoints/baseline")
+    assert len(found) == 1 and 0 < found[0].step < 100000
+
+
+# ------------------------------------------------------------------------ the pure pieces
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    t = TrainConfig(steps=100, warmup_steps=10, lr=1.0, min_lr_frac=0.1)
+    lrs = [lr_at(s, t) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lr_at(100, t) == pytest.approx(0.1)
+    t.decay = "linear"
+    assert lr_at(55, t) == pytest.approx(0.1 + 0.9 * 0.5)
+
+
+def test_sampler_is_a_pure_function_of_seed_step_rank(tmp_path):
+    data = np.arange(10_000, dtype=np.uint16)
+    kw = dict(batch_size=4, block_size=8)
+    a = train_batch(data, seed=1, step=5, micro_step=0, rank=0, **kw)
+    assert torch.equal(a[0], train_batch(data, seed=1, step=5, micro_step=0, rank=0, **kw)[0])
+    assert torch.equal(a[1], a[0] + 1)  # targets are the inputs shifted by one
+    for other in (dict(seed=2, step=5, micro_step=0, rank=0), dict(seed=1, step=6, micro_step=0, rank=0),
+                  dict(seed=1, step=5, micro_step=1, rank=0), dict(seed=1, step=5, micro_step=0, rank=1)):
+        assert not torch.equal(a[0], train_batch(data, **other, **kw)[0])
+    v = val_batches(data, n_batches=4, batch_size=2, block_size=8)
+    v0, v1 = (val_batches(data, n_batches=4, batch_size=2, block_size=8, rank=r, world_size=2) for r in (0, 1))
+    assert [b[0].tolist() for b in v] == [b[0].tolist() for b in (v0[0], v1[0], v0[1], v1[1])]
+
+
+def test_unigram_bpb_matches_the_entropy_of_a_known_distribution():
+    rng = np.random.default_rng(0)
+    p = np.array([0.5, 0.25, 0.125, 0.125])
+    train_ids = rng.choice(4, size=200_000, p=p)
+    val_ids = rng.choice(4, size=200_000, p=p)
+    entropy_bits = -(p * np.log2(p)).sum()  # 1.75 bits/token
+    assert unigram_bpb(train_ids, val_ids, 4, bytes_per_token=2.0) == pytest.approx(entropy_bits / 2, rel=1e-2)
+
+
+def test_attention_map_rows_are_the_softmax_of_the_scores():
+    from model.config import GPTConfig
+    from model.gpt import GPT
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    x = torch.randint(0, 64, (1, 16))
+    w = torch.tensor(attention_map(model, x, layer=0, head=1))
+    attn = model.blocks[0].attn
+    h = model.blocks[0].norm_1(model.embed(x))
+    cos, sin = model.rotary(16)
+    from model.attention import apply_rotary
+    q = apply_rotary(attn.c_q(h).view(1, 16, 2, 8).transpose(1, 2), cos, sin)[0, 1]
+    k = apply_rotary(attn.c_k(h).view(1, 16, 2, 8).transpose(1, 2), cos, sin)[0, 1]
+    scores = (q @ k.T / math.sqrt(8)).masked_fill(~torch.ones(16, 16, dtype=torch.bool).tril(), -math.inf)
+    torch.testing.assert_close(w, scores.softmax(-1), atol=1e-5, rtol=1e-4)
+
+
+def test_shards_and_val_batches_read_what_the_helper_wrote(tmp_path):
+    root = workspace(tmp_path / "w")
+    sh = load_shards(root / "data/tokens", 32)
+    assert sh.train.dtype == np.uint16 and sh.vocab_size > int(sh.train.max())
+    assert 0.99 < sh.bytes_per_token_val <= 1.01  # char tokenizer on ASCII text
