@@ -77,6 +77,7 @@ from stages.pretrain_data import load_shards, train_batch, unigram_bpb, val_batc
 ENV_DEBUG_NAN = "PCGPT_DEBUG_NAN_AT_STEP"
 VOCAB_MULTIPLE = 64
 EXIT_NONFINITE = 3
+PATH_KEYS = ("models_dir", "metrics_dir", "checkpoints_dir")
 CURVE_COLUMNS = ("step", "tokens", "wall_s", "train_loss", "val_loss", "lr")
 
 
@@ -239,6 +240,10 @@ def load_config(run: str, params: dict[str, Any] | None = None,
             raise ParamsError(f"runs.{run}.{section}: unknown section (allowed: model, pc, train)")
         if not isinstance(value, dict):
             raise ParamsError(f"runs.{run}.{section}: expected a mapping, got {value!r}")
+    for key in PATH_KEYS:
+        if key in (override.get("train") or {}):
+            raise ParamsError(f"runs.{run}.train.{key}: paths cannot be overridden per run "
+                              "(dvc.yaml declares them from the base `train` section)")
     merged = {s: _deep_merge(params.get(s) or {}, override.get(s) or {})
               for s in ("model", "pc", "train")}
     seed = params.get("seed", 0)
@@ -263,7 +268,7 @@ def config_hash(cfg: PretrainConfig) -> str:
     Bookkeeping knobs (logging, saving, resume, samples, paths) are left out."""
     d = to_dict(cfg)
     for k in ("resume", "log_every", "save_every", "keep_last", "sample_prompts", "sample_tokens",
-              "sample_temperature", "sample_top_k", "models_dir", "metrics_dir", "checkpoints_dir"):
+              "sample_temperature", "sample_top_k", *PATH_KEYS):
         d["train"].pop(k)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 

@@ -177,6 +177,7 @@ def test_rotation_keeps_last_k_and_best(tmp_path):
     ({"runs": {"baseline": {"optim": {}}}}, "runs.baseline.optim: unknown section"),
     ({"runs": {"baseline": {"train": {"decay": "step"}}}}, "train.decay: 'step' is not allowed"),
     ({"runs": {"other": {}}}, "runs.baseline: no such run (known: other)"),
+    ({"runs": {"baseline": {"train": {"models_dir": "elsewhere"}}}}, "runs.baseline.train.models_dir: paths"),
 ])
 def test_bad_params_are_named(params, message):
     base = {"seed": 1, "model": {"n_layer": 2, "n_head": 2, "n_embd": 32}, "pc": {}, "train": {},
