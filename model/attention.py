@@ -23,11 +23,15 @@ How each kernel runs (`attention(..., impl="auto")`):
 - `gaussian`: SDPA on augmented q' = [λq, −λ/2], k' = [k, ‖k‖²], scale 1: the raw
   score is λq·k − (λ/2)‖k‖², which differs from −(λ/2)d² by −(λ/2)‖q‖², constant
   over keys, so the softmax is the same.
-- `student_t`, `laplace`: q' = [2βq, −β‖q‖², −β], k' = [k, 1, ‖k‖²] make the raw
-  score −βd² (β = λ/ν resp. λ); a pointwise `score_mod` turns it into ℓ. On CUDA
-  this runs fused in FlexAttention (compiled); on CPU the exact reference below
-  is the path (`impl="dense"` materialises the same augmentation + score_mod, and
-  is what the CPU tests check the fused formula with).
+- `student_t`, `laplace`: q' = [2q, −‖q‖², −1], k' = [k, 1, ‖k‖²] make the raw
+  score −d²; a pointwise `score_mod` turns it into ℓ, reading β (= λ/ν resp. λ)
+  and α = (ν+D)/2 from fp32 tensors per query row (`_row_params`: per row so the
+  backward's atomic adds for their gradients spread over B·H·T addresses, and in
+  the score_mod rather than q' so those gradients are fp32 sums; student_t's log1p
+  is centred per row, `_score_mod`). On CUDA this
+  runs fused in FlexAttention (compiled); on CPU the exact reference below is the
+  path (`impl="dense"` materialises the same augmentation + score_mod, and is
+  what the CPU tests check the fused formula with).
 - `mixture`: SDPA over C×keys: block-diagonal q' = ⊕_c [λ_c q, −λ_c/2, b_c],
   k'_(c,j) = e_c ⊗ [k_j, ‖k_j‖², 1], values repeated C times, with the per-query
   bias b_c = −(λ_c/2)‖q‖² + (D/2) log λ_c + log π_c (the ‖q‖² term does not cancel
@@ -243,52 +247,103 @@ def _mixture(q, k, v, p: KernelParams, mask, settle: bool) -> torch.Tensor:
     return _sdpa(qa, ka, va, allowed, scale=1.0)[..., :D]
 
 
-# student_t / laplace: the augmentation that makes the raw score −βd², and the score_mod.
+# student_t / laplace: q' = [2q, −‖q‖², −1], k' = [k, 1, ‖k‖²] make the raw score −d², and a
+# pointwise score_mod applies the kernel with its parameters read per query row.
 
-def _distance_augment(q: torch.Tensor, k: torch.Tensor, p: KernelParams) -> tuple[torch.Tensor, torch.Tensor]:
-    """q' = [2βq, −β‖q‖², −β], k' = [k, 1, ‖k‖²] (norm columns split hi/lo), zero-padded to
-    a multiple of 16: q'·k' = −β d²."""
-    beta = p.lam[..., :1]
-    if p.kernel == "student_t":
-        beta = beta / p.nu.view(1, -1, 1, 1)
+def _distance_augment(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q' = [2q, −‖q‖², −1], k' = [k, 1, ‖k‖²] (norm columns split hi/lo), zero-padded to
+    a multiple of 16: q'·k' = −d². The precision stays out of q' (see `_score_mod`)."""
     qn = q.float().square().sum(-1, keepdim=True)
-    minus_beta = (-beta).expand_as(qn).to(q.dtype)
-    qa = torch.cat([(2 * beta).to(q.dtype) * q, _split(-beta * qn, q.dtype), minus_beta, minus_beta], dim=-1)
+    minus_one = torch.full_like(q[..., :1], -1.0)
+    qa = torch.cat([2 * q, _split(-qn, q.dtype), minus_one, minus_one], dim=-1)
     one = torch.ones_like(k[..., :1])
     ka = torch.cat([k, one, one, _split(k.float().square().sum(-1, keepdim=True), k.dtype)], dim=-1)
     return _pad_last(qa, 16), _pad_last(ka, 16)
 
 
-def _score_mod(p: KernelParams, D: int, settle: bool):
-    """raw = −βd² (computed by the augmented product) -> ℓ (or ℓ + log w when settling).
+def _typical_sq_distance(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """m_i: the mean of ‖q_i − k_j‖² over the keys j a query may see (j ≤ S−T+i), fp32
+    (B, H, T), detached: a per-row constant that only sets where log1p is centred (below)."""
+    with torch.no_grad():
+        B, H, T, D = q.shape
+        S = k.shape[-2]
+        qf, kf = q.float(), k.float()
+        n = torch.arange(S - T + 1, S + 1, device=q.device, dtype=torch.float32)          # keys seen
+        k_mean = _expand_kv(kf.cumsum(-2)[..., S - T:, :] / n.unsqueeze(-1), H)          # (B, H, T, D)
+        kn_mean = _expand_kv((kf.square().sum(-1, keepdim=True).cumsum(-2)[..., S - T:, :]
+                              / n.unsqueeze(-1)), H).squeeze(-1)                      # (B, H, T)
+        return qf.square().sum(-1) - 2 * (qf * k_mean).sum(-1) + kn_mean
 
+
+def _row_params(q: torch.Tensor, k: torch.Tensor, p: KernelParams, settle: bool
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """What the score_mod reads at [b, h, q_idx], each a contiguous fp32 (B, H, T) tensor:
+    r (laplace: λ; student_t: β/(1 + βm) with β = λ/ν), and for student_t α = (ν+D)/2
+    (+1 when settling) and m (`_typical_sq_distance`).
+
+    Per query row, not per head: FlexAttention's backward sends the gradient of a captured
+    tensor by atomic adds from every score to the element that score read. Read per head,
+    all B·T²/2 scores of a head add into one address, one after another (ν per head: 95 ms
+    fwd+bwd at (8,12,1024,64) bf16 on an H200, 470× SDPA; per row: 2.3 ms); per row, each
+    query row has its own. Autograd sums the rows back to λ and ν through the expand."""
+    B, H, T, D = q.shape
+    lam = p.lam[..., 0].float()                                      # (B|1, H|1, T|1)
+    if p.kernel == "laplace":
+        return lam.expand(B, H, T).contiguous(), None, None
+    beta = lam / p.nu.float().view(1, H, 1)
+    alpha = ((p.nu.float() + D) / 2 + (1.0 if settle else 0.0)).view(1, H, 1).expand(B, H, T).contiguous()
+    m = _typical_sq_distance(q, k)
+    return (beta / (1 + beta * m)).contiguous(), alpha, m
+
+
+def _score_mod(p: KernelParams, r: torch.Tensor, alpha: torch.Tensor | None, m: torch.Tensor | None,
+               settle: bool):
+    """raw = −d² (the augmented product) -> ℓ (or ℓ + log w when settling), reading r, α, m
+    at [b, h, q_idx] (`_row_params`).
+
+    The precision multiplies here, in fp32, rather than in q': its gradient is then a sum of
+    fp32 score gradients, not a reduction of the bf16 dq' whose columns cancel (with the
+    centring below, on an H200 in bf16: 0.22 → 0.017 relative error in student_t's dλ,
+    0.27 → 0.017 in dν, for 0.43 ms of 2.3 at (8,12,1024,64)).
+    student_t is centred per row: ℓ − ℓ(m_i) = −α log((1 + βd²)/(1 + βm_i))
+    = −α log1p(r (d² − m_i)), r = β/(1 + βm_i). A per-row constant leaves the softmax and
+    the exact gradients unchanged; but the kernel's backward computes Δ_i = dO_i·O_i from
+    the bf16-rounded output, and that error, times Σ_j p_ij ∂ℓ_ij/∂(α, β), lands in the
+    parameter gradients: centring brings that sum from ~α to ~0 (CPU emulation of those
+    roundings: 0.24 → 0.035 relative error in dλ).
     The max(−raw, 0) guards the rounding of the expanded product: d² is never negative."""
     if p.kernel == "student_t":
-        alpha = (p.nu.float() + D) / 2 + (1.0 if settle else 0.0)               # (H,)
-
         def student_t(score, b, h, q_idx, kv_idx):
-            return -alpha[h] * torch.log1p(torch.clamp(-score, min=0.0))
+            d2 = torch.clamp(-score, min=0.0)
+            return -alpha[b, h, q_idx] * torch.log1p(r[b, h, q_idx] * (d2 - m[b, h, q_idx]))
         return student_t
     eps = p.eps
     if settle:
         def laplace_settle(score, b, h, q_idx, kv_idx):
-            u = torch.clamp(-score, min=0.0) + eps
+            u = r[b, h, q_idx] * torch.clamp(-score, min=0.0) + eps
             return -torch.sqrt(u) - 0.5 * torch.log(u)
         return laplace_settle
 
     def laplace(score, b, h, q_idx, kv_idx):
-        return -torch.sqrt(torch.clamp(-score, min=0.0) + eps)
+        return -torch.sqrt(r[b, h, q_idx] * torch.clamp(-score, min=0.0) + eps)
     return laplace
+
+
+def _distance_scoring(q, k, p: KernelParams, settle: bool):
+    """q', k' and the score_mod of the fused formula."""
+    qa, ka = _distance_augment(q, k)
+    return (qa, ka, _score_mod(p, *_row_params(q, k, p, settle), settle=settle))
 
 
 def _distance_dense(q, k, v, p: KernelParams, mask, settle: bool) -> torch.Tensor:
     """The fused formula (augmentation + score_mod) with the scores materialised: the CPU check of it."""
     B, H, T, D = q.shape
     S = k.shape[-2]
-    qa, ka = _distance_augment(q, k, p)
+    qa, ka, score_mod = _distance_scoring(q, k, p, settle)
     raw = (qa @ _expand_kv(ka, H).transpose(-2, -1)).float()
-    h = torch.arange(H, device=q.device).view(1, H, 1, 1)
-    s = _score_mod(p, D, settle)(raw, None, h, None, None)
+    b, h, q_idx = (torch.arange(n, device=q.device).view(*([1] * i), n, *([1] * (3 - i)))
+                   for i, n in enumerate((B, H, T)))                # (B,1,1,1), (1,H,1,1), (1,1,T,1)
+    s = score_mod(raw, b, h, q_idx, torch.arange(S, device=q.device))
     allowed = causal_mask(T, S, q.device) if mask is None else mask
     s = s.masked_fill(~allowed, float("-inf"))
     return (s.softmax(-1).to(v.dtype) @ _expand_kv(v, H)).to(q.dtype)
@@ -315,12 +370,11 @@ def _distance_flex(q, k, v, p: KernelParams, mask, settle: bool, compiled: bool 
     T, S = q.shape[-2], k.shape[-2]
     if mask is not None or T != S:
         raise ValueError("the flex path takes plain causal self-attention (T == S, no mask)")
-    qa, ka = _distance_augment(q, k, p)
+    qa, ka, score_mod = _distance_scoring(q, k, p, settle)
     D = v.shape[-1]
     va = F.pad(v, (0, 16 - D)) if D < 16 else v  # flex wants head dims >= 16
     flex = _compiled_flex() if compiled else flex_attention
-    y = flex(qa, ka, va, score_mod=_score_mod(p, q.shape[-1], settle),
-             block_mask=_causal_block_mask(T, q.device), scale=1.0,
+    y = flex(qa, ka, va, score_mod=score_mod, block_mask=_causal_block_mask(T, q.device), scale=1.0,
              enable_gqa=q.shape[1] != k.shape[1])
     return y[..., :D]
 

@@ -1,6 +1,7 @@
 """Forward+backward time of each attention kernel vs SDPA dot, on one CUDA GPU (BENCHMARKS.md).
 
-Run: python tests/bench/bench_attention.py [--shapes 8,12,1024,64 4,12,4096,64] [--out DIR]
+Run: python tests/bench/bench_attention.py [--shapes 8,12,1024,64 4,12,4096,64]
+     [--kernels dot student_t laplace] [--out DIR]
 
 For each (B, H, L, D) in bf16, causal, MHA, `head` precision (learned λ per head,
 so its gradient is computed too): the median time of forward + backward over
@@ -9,7 +10,8 @@ warm-up runs first, so torch.compile of the FlexAttention path is excluded).
 Correctness: ‖y − y_ref‖/‖y_ref‖ and the same for dq, against the exact
 reference (model.attention.reference_attention) in fp32 on the same
 (bf16-rounded) inputs, also for dλ (the learned log-precision's gradient; dot
-here is the plain 1/√D baseline, so n/a). Each case runs in its own process.
+here is the plain 1/√D baseline, so n/a) and dν (student_t). Each case runs in
+its own process; `--kernels` picks the cases (keep `dot` for the × dot column).
 Prints a Markdown table; with --out also writes bench_attention.json there.
 """
 
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from model.attention import KernelParams, attention, reference_attention  # noqa: E402
+from model.attention import KernelParams, attention  # noqa: E402
 
 KERNELS = ["dot", "gaussian", "student_t", "laplace", "mixture"]
 N_COMPONENTS = 2
@@ -86,17 +88,20 @@ def bench(kernel: str, shape: tuple[int, int, int, int]) -> dict:
     y = attention(t["q"], t["k"], t["v"], params(kernel, t)).detach()
     dq = t["q"].grad.detach().clone()
     dlam = t["log_lam"].grad.detach().clone() if t["log_lam"].grad is not None else None
+    dnu = t["nu_raw"].grad.detach().clone() if t["nu_raw"].grad is not None else None
     t32 = {n: x.detach().float().requires_grad_(True) for n, x in t.items()}
-    err_y = err_dq = err_dlam = float("nan")
+    err_y = err_dq = err_dlam = err_dnu = float("nan")
     try:
         y_ref = fwd_bwd(kernel, t32, dy.float(), impl="reference")
         err_y, err_dq = rel(y, y_ref), rel(dq, t32["q"].grad)
         if dlam is not None:
             err_dlam = rel(dlam, t32["log_lam"].grad)
+        if dnu is not None:
+            err_dnu = rel(dnu, t32["nu_raw"].grad)
     except torch.OutOfMemoryError:
         pass
-    return dict(kernel=kernel, shape=list(shape), ms=ms, peak_mib=peak, rel_err_y=err_y, rel_err_dq=err_dq,
-                rel_err_dlam=err_dlam)
+    return dict(kernel=kernel, shape=list(shape), ms=ms, peak_mib=peak, rel_err_y=err_y,
+                rel_err_dq=err_dq, rel_err_dlam=err_dlam, rel_err_dnu=err_dnu)
 
 
 def main(argv=None) -> None:
@@ -109,7 +114,8 @@ def main(argv=None) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench_attention needs a CUDA GPU")
     if args.case:  # one measurement, in its own process (a fault cannot take the others down)
-        print("RESULT " + json.dumps(bench(args.case[0], tuple(int(x) for x in args.case[1].split(",")))))
+        shape = tuple(int(x) for x in args.case[1].split(","))
+        print("RESULT " + json.dumps(bench(args.case[0], shape)))
         return
     import triton
     device = f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}"
@@ -127,19 +133,21 @@ def main(argv=None) -> None:
             print(json.dumps(rows[-1]), flush=True)
     base = {tuple(r["shape"]): r["ms"] for r in rows if r["kernel"] == "dot" and "ms" in r}
     print(f"\nDevice: {device}\n")
-    print("| (B,H,L,D) | kernel | path | fwd+bwd ms | × dot | peak MiB | rel err y | rel err dq | rel err dλ |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    print("| (B,H,L,D) | kernel | path | fwd+bwd ms | × dot | peak MiB | rel err y | rel err dq | rel err dλ "
+          "| rel err dν |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     path = {"dot": "SDPA (flash)", "gaussian": "SDPA, augmented q/k",
             "student_t": "FlexAttention + score_mod", "laplace": "FlexAttention + score_mod",
             "mixture": f"SDPA over {N_COMPONENTS}×keys"}
     for r in rows:
         shape = tuple(r["shape"])
+        name = path[r["kernel"]]
         if "ms" not in r:
-            print(f"| {shape} | {r['kernel']} | {path[r['kernel']]} | failed: {r['error'][:60]} | | | | | |")
+            print(f"| {shape} | {r['kernel']} | {name} | failed: {r['error'][:60]} | | | | | | |")
             continue
         ratio = r["ms"] / base[shape] if shape in base else float("nan")
-        print(f"| {shape} | {r['kernel']} | {path[r['kernel']]} | {r['ms']:.3f} | {ratio:.2f} | "
-              f"{r['peak_mib']:.0f} | {r['rel_err_y']:.1e} | {r['rel_err_dq']:.1e} | {r['rel_err_dlam']:.1e} |")
+        print(f"| {shape} | {r['kernel']} | {name} | {r['ms']:.3f} | {ratio:.2f} | {r['peak_mib']:.0f} | "
+              f"{r['rel_err_y']:.1e} | {r['rel_err_dq']:.1e} | {r['rel_err_dlam']:.1e} | {r['rel_err_dnu']:.1e} |")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "bench_attention.json").write_text(json.dumps({"device": device, "rows": rows}, indent=1))
