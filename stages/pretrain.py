@@ -34,7 +34,7 @@ SIGTERM/SIGINT save a checkpoint, then exit with 128+signal.
 
 A NaN/inf loss stops the run (exit 3) naming the step and the last good
 checkpoint; nothing is written. Test-only: env var PCGPT_DEBUG_NAN_AT_STEP=<s>
-poisons one weight before step s to exercise this guard.
+poisons one weight so that the loss of step s (1-based, as in the logs) is NaN.
 
 DDP: gradients are all-reduced by hand in one flat buffer after the micro-steps
 (with the loss and a stop flag, so every rank agrees on NaN and on signals).
@@ -500,7 +500,6 @@ def train(cfg: PretrainConfig, run: str, paths: RunPaths, tracker=None, *,
     tracker = tracker or NullTracker()
     t = cfg.train
     rt = setup_runtime(t)
-    wall0 = time.perf_counter()
     shards = load_shards(paths.tokens_dir, int(cfg.model.get("block_size", GPTConfig.block_size)))
     gcfg = cfg.gpt_config(shards.vocab_size)
     T = gcfg.block_size
@@ -521,6 +520,7 @@ def train(cfg: PretrainConfig, run: str, paths: RunPaths, tracker=None, *,
     chash = config_hash(cfg)
     state = {"step": 0, "tokens": 0, "best_val": float("inf"), "curve": [], "wall_s": 0.0,
              "last": {}}
+    last_ckpt: Path | None = None  # the newest checkpoint on disk: named if the loss goes NaN
     if t.resume == "never":
         if rt.is_main:
             ckpt.clear(paths.checkpoints)
@@ -532,6 +532,7 @@ def train(cfg: PretrainConfig, run: str, paths: RunPaths, tracker=None, *,
             optimizer.load_state_dict(saved["optimizer"])
             set_rng_states(saved["rng"])
             state = saved["state"]
+            last_ckpt = info.path
             if rt.is_main:
                 print(f"pretrain@{run}: resumed from {info.path} (step {state['step']})",
                       file=sys.stderr)
@@ -570,7 +571,6 @@ def train(cfg: PretrainConfig, run: str, paths: RunPaths, tracker=None, *,
         ckpt.rotate(paths.checkpoints, t.keep_last)
         return path
 
-    last_ckpt = (ckpt.latest(paths.checkpoints, chash) or ckpt.CheckpointInfo(0, None, None, "")).path
     pending: list[tuple[int, torch.Tensor]] = []  # (step, loss) not yet checked for finiteness
     timed = {"s": 0.0, "steps": 0}  # train time of logged intervals after the first
     interval = {"t0": time.perf_counter(), "steps": 0, "first": True}
@@ -608,7 +608,7 @@ def train(cfg: PretrainConfig, run: str, paths: RunPaths, tracker=None, *,
             for g in optimizer.param_groups:
                 g["lr"] = lr * g.get("lr_scale", 1.0)
             torch.manual_seed(_seed_of(cfg.seed, step, rt.rank))  # dropout etc.: a function of the step
-            if step == debug_nan:
+            if step + 1 == debug_nan:  # test-only: poison a weight so step `debug_nan`'s loss is NaN
                 with torch.no_grad():
                     model.lm_head.weight.view(-1)[0] = float("nan")
             loss_sum = torch.zeros((), device=rt.device)
@@ -633,7 +633,7 @@ def train(cfg: PretrainConfig, run: str, paths: RunPaths, tracker=None, *,
             optimizer.zero_grad(set_to_none=True)
             state["step"] = step = step + 1
             state["tokens"] += step_tokens
-            pending.append((step - 1, loss.detach()))
+            pending.append((step, loss.detach()))
             interval["steps"] += 1
 
             is_last = step == t.steps
@@ -761,8 +761,9 @@ def _write_outputs(model, cfg, gcfg, run, paths: RunPaths, tracker, tokenizer, s
         "tokens": [tokenizer.decode([i]) for i in x[0].tolist()],
         "weights": attention_map(model, x)})
     write_json(paths.metrics, final)
+    logged_in_loop = ("step", "tokens", "train/loss", "val/loss", "val/ppl", "val/bpb", "val/acc")
     tracker.log_metrics({k: v for k, v in final.items() if isinstance(v, (int, float))
-                         and not isinstance(v, bool)}, step=state["step"])
+                         and not isinstance(v, bool) and k not in logged_in_loop}, step=state["step"])
     for p in (paths.model_dir / "meta.json", paths.metrics, paths.curve, paths.samples,
               paths.attention):
         tracker.log_artifact(p)
@@ -812,9 +813,17 @@ def main(argv: list[str] | None = None) -> None:
     except ParamsError as e:
         sys.exit(f"pretrain: error: {e}")
     paths = RunPaths.for_run(args.run, cfg.train, tok.tokens_dir, tok.dir)
+    manifest = None  # provenance only (tagged on the MLflow run), not a DVC param
+    if "data" in params:
+        from stages.data_config import DataConfig
+        try:
+            data = load_section(DataConfig, "data", params=params)
+            manifest = Path(data.raw_dir) / data.source / "manifest.json"
+        except ParamsError:
+            pass  # the download stage names that error; training does not need it
     rank = int(os.environ.get("RANK", "0"))
     stage = f"pretrain@{args.run}"
-    tracked = (tracking.stage_run(stage, params=cfg, config=tcfg,
+    tracked = (tracking.stage_run(stage, params=cfg, config=tcfg, manifest=manifest,
                                   tags={"pcgpt.run": args.run, "pc.algorithm": cfg.pc.algorithm,
                                         "attention.kernel": cfg.gpt_config(64).attention.kernel})
                if rank == 0 else nullcontext(tracking.NullTracker()))
