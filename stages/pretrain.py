@@ -75,7 +75,6 @@ from stages import pretrain_ckpt as ckpt
 from stages.pretrain_data import load_shards, train_batch, unigram_bpb, val_batches
 
 ENV_DEBUG_NAN = "PCGPT_DEBUG_NAN_AT_STEP"
-VOCAB_MULTIPLE = 64
 EXIT_NONFINITE = 3
 PATH_KEYS = ("models_dir", "metrics_dir", "checkpoints_dir")
 CURVE_COLUMNS = ("step", "tokens", "wall_s", "train_loss", "val_loss", "lr")
@@ -182,11 +181,11 @@ class PretrainConfig:
     train: TrainConfig
 
     def gpt_config(self, vocab_size: int) -> GPTConfig:
-        """The model config for a vocabulary of `vocab_size` ids, padded up to a multiple
-        of 64 (fast matmuls on GPU; the padding ids never occur in the data, so their
-        logits are simply pushed down)."""
-        padded = -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-        return build(GPTConfig, {**self.model, "vocab_size": padded, "pc": to_dict(self.pc)},
+        """The model config for the shards' vocabulary of `vocab_size` ids, unpadded:
+        model/generate.py samples from every logit, so padding ids (never trained
+        toward anything but "unlikely") would be sampled by an undertrained model and
+        fail to decode. The default BPE size, 2048, is a multiple of 64 already."""
+        return build(GPTConfig, {**self.model, "vocab_size": vocab_size, "pc": to_dict(self.pc)},
                      "model")
 
 
@@ -257,7 +256,7 @@ def load_config(run: str, params: dict[str, Any] | None = None,
         cfg = PretrainConfig(seed=seed, model=merged["model"],
                              pc=build(PCConfig, merged["pc"], "pc"),
                              train=build(TrainConfig, merged["train"], "train"))
-        cfg.gpt_config(VOCAB_MULTIPLE)  # validates the model section now, not after loading data
+        cfg.gpt_config(64)  # validates the model section now, not after loading data
     except ParamsError as e:
         raise ParamsError(f"{e} (params after merging runs.{run})") from e
     return cfg

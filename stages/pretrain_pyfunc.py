@@ -25,12 +25,11 @@ DEFAULT_PARAMS = {"max_new_tokens": 64, "temperature": 0.8, "top_k": 50, "seed":
 
 
 def signature():
-    """Input: a column of prompt strings; output: one completion string each; params above."""
-    import pandas as pd
+    """Input: prompt strings (a list, or a one-column DataFrame); output: one string each
+    (prompt + completion); params: DEFAULT_PARAMS, each overridable per call."""
     from mlflow.models import infer_signature
 
-    return infer_signature(pd.DataFrame({"prompt": ["ROMEO:"]}), ["ROMEO: ..."],
-                           params=DEFAULT_PARAMS)
+    return infer_signature(["ROMEO:"], ["ROMEO: ..."], params=DEFAULT_PARAMS)
 
 
 class GPTGenerator(mlflow.pyfunc.PythonModel):
@@ -59,9 +58,8 @@ class GPTGenerator(mlflow.pyfunc.PythonModel):
         from model.generate import generate
 
         p = {**DEFAULT_PARAMS, **(params or {})}
-        if hasattr(model_input, "columns"):  # a DataFrame: the `prompt` column (or the first)
-            col = "prompt" if "prompt" in model_input.columns else model_input.columns[0]
-            prompts = [str(v) for v in model_input[col]]
+        if hasattr(model_input, "columns"):  # a DataFrame: its first column
+            prompts = [str(v) for v in model_input[model_input.columns[0]]]
         elif isinstance(model_input, str):
             prompts = [model_input]
         else:
