@@ -487,11 +487,13 @@ def diagnostics_metrics(diag: dict[str, torch.Tensor]) -> dict[str, float]:
 # --------------------------------------------------------------------------- training
 
 def train(cfg: PretrainConfig, run: str, paths: RunPaths, tracker=None, *,
-          tokenizer=None, progress: bool = True) -> dict[str, Any]:
+          register: tuple[str, str] | None = None, tokenizer=None,
+          progress: bool = True) -> dict[str, Any]:
     """Train `cfg` as run `run`, write every output in `paths`, return the final metrics.
 
     tracker: a pipeline.tracking Tracker (None: the null tracker). Only rank 0
-    logs and writes. Raises NonFiniteLoss on a NaN/inf loss and
+    logs and writes. register: (registered model name, alias) to log the final
+    model as an MLflow pyfunc model under; None logs no model (ablation items). Raises NonFiniteLoss on a NaN/inf loss and
     TrainingInterrupted after SIGTERM/SIGINT (a checkpoint saved first).
     """
     from pipeline.tracking import NullTracker
@@ -701,7 +703,8 @@ def train(cfg: PretrainConfig, run: str, paths: RunPaths, tracker=None, *,
              **attention_precisions(model), **diagnostics_metrics(diag)}
     if rt.is_main:
         with torch.compiler.set_stance("force_eager"):  # generation: varying shapes, run eager
-            _write_outputs(model, cfg, gcfg, run, paths, tracker, tokenizer, shards, state, final, val)
+            _write_outputs(model, cfg, gcfg, run, paths, tracker, tokenizer, shards, state, final,
+                           val, register)
     if rt.world > 1:
         dist.barrier()
     return final
@@ -741,7 +744,7 @@ def _all_reduce_grads(params: list[torch.Tensor], loss: torch.Tensor, signum: in
 
 
 def _write_outputs(model, cfg, gcfg, run, paths: RunPaths, tracker, tokenizer, shards,
-                   state, final, val) -> None:
+                   state, final, val, register) -> None:
     from pipeline.provenance import git_state
     from pipeline.tracking import default_pip_requirements
 
@@ -766,29 +769,17 @@ def _write_outputs(model, cfg, gcfg, run, paths: RunPaths, tracker, tokenizer, s
     for p in (paths.model_dir / "meta.json", paths.metrics, paths.curve, paths.samples,
               paths.attention):
         tracker.log_artifact(p)
-    from stages.pretrain_pyfunc import GPTGenerator, signature
-    tracker.log_pyfunc_model(
-        GPTGenerator(), artifacts={"model_dir": str(paths.model_dir),
-                                   "tokenizer_dir": str(paths.tokenizer_dir)},
-        name="model", registered_name=f"{_registered_base()}-{run}",
-        alias=_alias(), code_paths=_code_paths(),
-        pip_requirements=default_pip_requirements(), signature=signature())
+    if register is not None:
+        from stages.pretrain_pyfunc import GPTGenerator, signature
+        tracker.log_pyfunc_model(
+            GPTGenerator(), artifacts={"model_dir": str(paths.model_dir),
+                                       "tokenizer_dir": str(paths.tokenizer_dir)},
+            name="model", registered_name=register[0], alias=register[1],
+            code_paths=_code_paths(), pip_requirements=default_pip_requirements(),
+            signature=signature())
 
 
 # --------------------------------------------------------------------------- main
-
-def _tracking_config():
-    from pipeline.tracking import TrackingConfig
-    return load_section(TrackingConfig, "tracking")
-
-
-def _registered_base() -> str:
-    return _tracking_config().registered_model
-
-
-def _alias() -> str:
-    return _tracking_config().model_alias
-
 
 def _code_paths() -> list[str]:
     """The packages the logged model imports (model/, stages/ for the tokenizer and the wrapper, pipeline/)."""
@@ -828,7 +819,8 @@ def main(argv: list[str] | None = None) -> None:
                if rank == 0 else nullcontext(tracking.NullTracker()))
     try:
         with tracked as tracker:
-            metrics = train(cfg, args.run, paths, tracker)
+            metrics = train(cfg, args.run, paths, tracker,
+                            register=(f"{tcfg.registered_model}-{args.run}", tcfg.model_alias))
     except NonFiniteLoss as e:
         print(f"pretrain: error: {e}", file=sys.stderr)
         sys.exit(EXIT_NONFINITE)
