@@ -37,7 +37,8 @@ checkpoint; nothing is written. Test-only: env var PCGPT_DEBUG_NAN_AT_STEP=<s>
 poisons one weight so that the loss of step s (1-based, as in the logs) is NaN.
 
 DDP: gradients are all-reduced by hand in one flat buffer after the micro-steps
-(with the loss and a stop flag, so every rank agrees on NaN and on signals).
+(with the loss, so every rank agrees on a NaN); a SIGTERM/SIGINT flag is
+all-reduced at log steps, so every rank stops at the same step.
 DDP's module wrapper is not used because the loop calls `training_step`, not
 `forward`, and the PC algorithms run several forwards per step.
 """
@@ -624,10 +625,7 @@ def train(cfg: PretrainConfig, run: str, paths: RunPaths, tracker=None, *,
                 loss_sum += loss.float()
             loss = loss_sum / accum
             if rt.world > 1:
-                loss, stopped = _all_reduce_grads(params_list, loss, stop["signum"], rt)
-                stop_now = stopped
-            else:
-                stop_now = bool(stop["signum"])
+                loss = _all_reduce_grads(params_list, loss, rt)
             if t.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params_list, t.grad_clip)
             optimizer.step()
@@ -639,8 +637,12 @@ def train(cfg: PretrainConfig, run: str, paths: RunPaths, tracker=None, *,
 
             is_last = step == t.steps
             do_eval = step % t.eval_every == 0 or is_last
-            do_save = step % t.save_every == 0 or is_last or stop_now
+            do_save = step % t.save_every == 0 or is_last
             if step % t.log_every == 0 or do_eval or do_save:
+                # A signal is honoured here (within log_every steps), where every rank
+                # stops at the same step: no per-step sync for the flag.
+                stop_now = _any_rank(bool(stop["signum"]), rt)
+                do_save = do_save or stop_now
                 _sync(rt.device)
                 now = time.perf_counter()
                 train_loss = check_finite()
@@ -727,12 +729,10 @@ def _scalar_diag(diag: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in diag.items() if torch.is_tensor(v) and v.dim() == 0}
 
 
-def _all_reduce_grads(params: list[torch.Tensor], loss: torch.Tensor, signum: int,
-                      rt: Runtime) -> tuple[torch.Tensor, bool]:
-    """Average grads, loss and the stop flag over ranks in one flat all-reduce."""
+def _all_reduce_grads(params: list[torch.Tensor], loss: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    """Average grads and the loss over ranks in one flat all-reduce (no host sync)."""
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).float() for g in grads] +
-                     [loss.reshape(1).float(), torch.tensor([float(signum > 0)], device=rt.device)])
+    flat = torch.cat([g.reshape(-1).float() for g in grads] + [loss.reshape(1).float()])
     dist.all_reduce(flat)
     flat /= rt.world
     offset = 0
@@ -740,7 +740,16 @@ def _all_reduce_grads(params: list[torch.Tensor], loss: torch.Tensor, signum: in
         n = g.numel()
         p.grad = flat[offset:offset + n].view_as(g).to(g.dtype)
         offset += n
-    return flat[-2], bool(flat[-1].item() > 0)
+    return flat[-1]
+
+
+def _any_rank(flag: bool, rt: Runtime) -> bool:
+    """True on every rank if `flag` is true on any."""
+    if rt.world == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=rt.device)
+    dist.all_reduce(t)
+    return bool(t.item() > 0)
 
 
 def _write_outputs(model, cfg, gcfg, run, paths: RunPaths, tracker, tokenizer, shards,
