@@ -5,6 +5,7 @@ Reads:  params.yaml `seed` and `data` (the source is `data.catalog[data.source]`
 Writes: data/raw/<source>/docs.parquet   one row per document: doc_id, text, source
         data/raw/<source>/manifest.json  every file read (name, bytes, sha256), totals
         metrics/download.json            counts and wall_s
+        an MLflow stage run (pipeline/tracking.py): metrics, the manifest and its sha256
         (downloads are also kept, verified, under data/cache/: not a DVC output,
         so a re-run does not fetch them again)
 Run:    python -m stages.download        (or `dvc repro download`)
@@ -26,7 +27,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.io import write_json
+from pipeline.io import sha256_file, write_json
 from pipeline.params import ParamsError, load_section, read_params
 from stages._fetch import DownloadError
 from stages.data_config import DataConfig
@@ -105,9 +106,18 @@ def load_config(params_path: str = "params.yaml") -> tuple[DataConfig, int]:
 
 
 def main() -> None:
+    from pipeline import tracking
+
     try:
         cfg, seed = load_config()
-        metrics = run(cfg, seed)
+        tcfg = load_section(tracking.TrackingConfig, "tracking")
+        with tracking.stage_run("download", params=cfg, config=tcfg) as tracker:
+            metrics = run(cfg, seed)
+            manifest = Path(cfg.raw_dir) / cfg.source / "manifest.json"
+            tracker.set_tags({"data.manifest_sha256": sha256_file(manifest)})
+            tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))
+                                 and not isinstance(v, bool)}, step=0)
+            tracker.log_artifact(manifest)
     except (ParamsError, DownloadError, CorpusError) as e:
         sys.exit(f"download: error: {e}")
     print(f"download: {metrics['documents']:,} documents, {metrics['characters']:,} characters "

@@ -9,6 +9,7 @@ Writes: data/tokenizer/tokenizer.json   the tokenizer, self-contained (below)
         data/tokens/meta.json           vocab size, dtype, counts, special ids,
                                         tokenizer_sha256, bytes_per_token_val, split
         metrics/tokenizer.json          vocab size, bytes/token on val, seconds, MB/s
+        an MLflow stage run (pipeline/tracking.py): metrics, tokenizer + shard meta
 Run:    python -m stages.tokenizer      (or `dvc repro tokenizer`)
 
 Split: documents are ranked by sha256(doc_id) and the first
@@ -371,10 +372,21 @@ def load_config(params_path: str = "params.yaml") -> TokenizerStage:
 
 
 def main() -> None:
+    from pipeline import tracking
+
     try:
         cfg = load_config()
         seed = read_params().get("seed", 0)
-        metrics = run(cfg, seed)
+        tcfg = load_section(tracking.TrackingConfig, "tracking")
+        manifest = Path(cfg.data.raw_dir) / cfg.data.source / "manifest.json"
+        with tracking.stage_run("tokenizer", params=cfg, config=tcfg,
+                                manifest=manifest if manifest.exists() else None) as tracker:
+            metrics = run(cfg, seed)
+            tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))
+                                 and not isinstance(v, bool)}, step=0)
+            for name in ("tokenizer.json", "meta.json"):
+                tracker.log_artifact(Path(cfg.tokenizer.dir) / name, artifact_path="tokenizer")
+            tracker.log_artifact(Path(cfg.tokenizer.tokens_dir) / "meta.json", artifact_path="tokens")
     except (ParamsError, TokenizerError) as e:
         sys.exit(f"tokenizer: error: {e}")
     print(f"tokenizer: {metrics['kind']} vocab {metrics['vocab_size']}, "
