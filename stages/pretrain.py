@@ -312,7 +312,8 @@ def setup_runtime(train: TrainConfig) -> Runtime:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ParamsError(f"train.device: {train.device!r} but CUDA is not available")
-    device = torch.device(f"cuda:{local_rank}" if name == "cuda" and world > 1 else name)
+    # a bare "cuda" means this process's GPU: the local rank's (0 without torchrun)
+    device = torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for the fp32 matmuls outside autocast
