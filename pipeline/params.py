@@ -9,6 +9,7 @@ Optionals and Literals) and raises `ParamsError` naming the offending key
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 from pathlib import Path
@@ -141,6 +142,14 @@ def load_section(cls: type, section: str, path: str | Path = PARAMS_FILE,
     return build(cls, params[section], section)
 
 
+def deep_merge(base: dict, override: dict) -> dict:
+    """A copy of `base` with `override` merged in, recursively for nested mappings."""
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def to_dict(obj: Any) -> Any:
     """A dataclass (possibly nested) as plain dicts/lists, for JSON and MLflow."""
     if dataclasses.is_dataclass(obj):
@@ -164,5 +173,5 @@ def flatten(d: dict[str, Any], prefix: str = "", sep: str = ".") -> dict[str, An
     return out
 
 
-__all__ = ["ParamsError", "read_params", "build", "load_section", "to_dict", "flatten",
+__all__ = ["ParamsError", "read_params", "build", "load_section", "deep_merge", "to_dict", "flatten",
            "PARAMS_FILE"]

@@ -49,7 +49,7 @@ class _RetryableError(Exception):
 
 # --- urllib with separate connect and read timeouts ---------------------------
 
-class _HTTPConnection(http.client.HTTPConnection):
+class _ReadTimeout:
     """`timeout` bounds the connect; `read_timeout` then bounds every read."""
 
     def __init__(self, *args, read_timeout: float, **kwargs):
@@ -61,14 +61,12 @@ class _HTTPConnection(http.client.HTTPConnection):
         self.sock.settimeout(self.read_timeout)
 
 
-class _HTTPSConnection(http.client.HTTPSConnection):
-    def __init__(self, *args, read_timeout: float, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.read_timeout = read_timeout
+class _HTTPConnection(_ReadTimeout, http.client.HTTPConnection):
+    pass
 
-    def connect(self) -> None:
-        super().connect()
-        self.sock.settimeout(self.read_timeout)
+
+class _HTTPSConnection(_ReadTimeout, http.client.HTTPSConnection):
+    pass
 
 
 class _HTTPHandler(urllib.request.HTTPHandler):

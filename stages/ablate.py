@@ -26,7 +26,6 @@ attention-settling steps, the only factor that differs.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import sys
 import time
@@ -36,7 +35,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.io import write_json
-from pipeline.params import ParamsError, build, flatten, read_params
+from pipeline.params import ParamsError, build, deep_merge, flatten, read_params
 
 QUESTIONS = ("control", "precision", "distribution", "pathway", "settling")
 
@@ -95,13 +94,6 @@ class AblationConfig:
                                      "(allowed: model, pc, train)")
 
 
-def _deep_merge(base: dict, override: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in override.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def item_name(variant: str, seed: int) -> str:
     """The matrix item's name: DVC calls the stage `ablate@<variant>-<seed>`."""
     return f"{variant}-{seed}"
@@ -125,8 +117,8 @@ def item_config(params: dict[str, Any], abl: AblationConfig, variant: str, seed:
     if variant not in abl.variants:
         raise ParamsError(f"ablation.variants.{variant}: no such variant "
                           f"(known: {', '.join(sorted(abl.variants))})")
-    override = _deep_merge(params["runs"].get(abl.base) or {}, abl.scale)
-    override = _deep_merge(override, abl.variants[variant].override)
+    override = deep_merge(params["runs"].get(abl.base) or {}, abl.scale)
+    override = deep_merge(override, abl.variants[variant].override)
     name = item_name(variant, seed)
     merged = {**params, "runs": {name: override}}
     try:
@@ -151,7 +143,7 @@ def evaluate_with(model_dir: Path, tokens_dir: Path, cfg, eval_override: EvalOve
     meta = json.loads((model_dir / "meta.json").read_text(encoding="utf-8"))
     mcfg = meta["model"]
     if eval_override.attn_settle_steps is not None:
-        mcfg = _deep_merge(mcfg, {"attention": {"settle_steps": eval_override.attn_settle_steps}})
+        mcfg = deep_merge(mcfg, {"attention": {"settle_steps": eval_override.attn_settle_steps}})
     model = GPT(GPTConfig(**mcfg))
     model.load_state_dict(load_file(str(model_dir / "model.safetensors")))
     shards = load_shards(tokens_dir, model.config.block_size)

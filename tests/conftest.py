@@ -13,6 +13,8 @@ import pytest
 import torch
 import yaml
 
+from pipeline.params import deep_merge
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 # What a project copy needs to run its stages (DVC outputs are made fresh).
@@ -26,16 +28,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-def deep_update(base: dict, override: dict) -> dict:
-    """Recursively merge `override` into `base` (in place) and return it."""
-    for k, v in override.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            deep_update(base[k], v)
-        else:
-            base[k] = v
-    return base
 
 
 class Project:
@@ -71,7 +63,7 @@ class Project:
 
     def set_params(self, override: dict[str, Any]) -> None:
         """Deep-merge `override` into the copy's params.yaml."""
-        params = deep_update(self.params, override)
+        params = deep_merge(self.params, override)
         (self.path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     def commit(self, msg: str = "snapshot") -> None:

@@ -21,15 +21,6 @@ KERNELS = ["dot", "gaussian", "student_t", "laplace", "mixture"]
 TOL = 1e-5  # relative (‖a − b‖ / ‖b‖), fp32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """Tiny tensors: one thread is faster, and on a shared 2-core box far faster (no spin-waiting)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 

@@ -12,15 +12,6 @@ KERNELS = ["dot", "gaussian", "student_t", "laplace", "mixture"]
 PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [4]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """Tiny tensors: one thread is faster, and on a shared 2-core box far faster (no spin-waiting)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(kernel="gaussian", settle_steps=0, **kw) -> GPT:
     torch.manual_seed(0)
     # init_std 0.2: large enough that attention, not just the embedding→head path, decides the tokens

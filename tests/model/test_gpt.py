@@ -11,15 +11,6 @@ from model.utils import make_optimizer
 KERNELS = ["dot", "gaussian", "student_t", "laplace", "mixture"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """Tiny tensors: one thread is faster, and on a shared 2-core box far faster (no spin-waiting)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def config(kernel="dot", **kw) -> GPTConfig:
     attention = kw.pop("attention", {})
     return GPTConfig(vocab_size=48, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,

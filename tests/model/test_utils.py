@@ -10,15 +10,6 @@ from model.utils import (PEAK_FLOPS, Optimizers, attention_flops_per_token, coun
                          make_optimizer, mfu, param_groups)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """Tiny tensors: one thread is faster, and on a shared 2-core box far faster (no spin-waiting)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def config(kernel="dot", **att) -> GPTConfig:
     return GPTConfig(vocab_size=50, block_size=64, n_layer=3, n_head=4, n_kv_head=2, n_embd=32,
                      attention=dict(kernel=kernel, **att))
