@@ -81,12 +81,18 @@ and the run's end waits for the rest. We use our own thread rather than
 MLflow's `synchronous=False` queue because that one submits a future and a
 store call per `log_batch` call (one SQLite transaction per training step)
 and logs an error for every failed batch; ours batches across steps and
-turns the first failure into the single warning above. Values are converted
-with `float()` in the background thread, so pass Python numbers or detached
-0-d tensors. The store's own cost is paid by that thread, off the training
-step: on a 2-core CPU box MLflow's SQLite store spends about 60-100 us of CPU
-per metric (SQLAlchemy), so 8 metrics at every 10 ms step keep the thread
-about 7% busy; log per-step metrics every few steps when steps are that short.
+turns the first failure into the single warning above. Pass Python numbers or
+detached 0-d tensors; the thread converts the tensors of one batch with one
+copy per device (not one synchronising `.item()` each), but that copy still
+waits for the device's queued work, so a training loop should hand over numbers
+it has already read back (stages/pretrain.py copies its losses asynchronously
+and logs them a log step later). The store's own cost is paid by that thread,
+off the training step but not off the GIL: on a 2-core CPU box MLflow's SQLite
+store spends about 5 ms per request plus 55-100 us per metric (SQLAlchemy).
+A loop that keeps the GPU's queue a few steps ahead of it hides those bursts;
+one that waits for the GPU at every log step pays them (measured: +4.4% of an
+H200 step, BENCHMARKS.md). Log per-step metrics every few steps when steps are
+short.
 """
 
 from __future__ import annotations
@@ -242,7 +248,8 @@ class _MetricPump:
             left -= len(batch)
             if not self.failed:
                 try:
-                    self._send([Metric(k, float(v), ts, int(s)) for k, v, ts, s in batch])
+                    values = _floats([v for _, v, _, _ in batch])
+                    self._send([Metric(k, v, ts, int(s)) for (k, _, ts, s), v in zip(batch, values)])
                 except Exception as e:  # noqa: BLE001 - any store error: warn once, go quiet
                     self.failed = True
                     self._on_error("logging metrics", e)
@@ -263,6 +270,26 @@ class _MetricPump:
         self._wake.set()
         self._thread.join(timeout=1.0 if ok else 0.0)
         return ok
+
+
+def _floats(values: list[Any]) -> list[float]:
+    """`float(v)` of every value, with the torch tensors among them read back in one copy
+    per device (a `float()` of a CUDA tensor synchronises the stream, once per metric)."""
+    torch = sys.modules.get("torch")  # only a stage that imported torch can pass tensors
+    if torch is None:
+        return [float(v) for v in values]
+    out: list[Any] = list(values)
+    by_device: dict[Any, list[int]] = {}
+    for i, v in enumerate(values):
+        if isinstance(v, torch.Tensor):
+            by_device.setdefault(v.device, []).append(i)
+        else:
+            out[i] = float(v)
+    for idx in by_device.values():
+        host = torch.stack([values[i].detach().reshape(()).double() for i in idx]).cpu().tolist()
+        for i, x in zip(idx, host):
+            out[i] = x
+    return out
 
 
 class MlflowTracker(Tracker):

@@ -33,7 +33,14 @@ bit-identical to an uninterrupted run (on CPU; tests/stages/test_pretrain.py).
 SIGTERM/SIGINT save a checkpoint, then exit with 128+signal.
 
 A NaN/inf loss stops the run (exit 3) naming the step and the last good
-checkpoint; nothing is written. Test-only: env var PCGPT_DEBUG_NAN_AT_STEP=<s>
+checkpoint; nothing is written. The loop never waits for the device at a plain
+log step: each log step's losses are copied to host memory asynchronously and
+checked (and logged) at the next log step, so a NaN is reported up to
+2*log_every-1 steps after it happened, still naming the step it happened at.
+Eval, checkpoint and stop steps, and the last step, check every loss first: no
+checkpoint is ever written after a bad loss. perf/step_ms comes from CUDA events
+on the device's timeline (the host clock on CPU), eval and checkpoint time left
+out. Test-only: env var PCGPT_DEBUG_NAN_AT_STEP=<s>
 poisons one weight so that the loss of step s (1-based, as in the logs) is NaN.
 
 DDP: gradients are all-reduced by hand in one flat buffer after the micro-steps
@@ -46,6 +53,7 @@ DDP's module wrapper is not used because the loop calls `training_step`, not
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import dataclasses
 import hashlib
@@ -347,6 +355,16 @@ def _seed_of(*ints: int) -> int:
     return int(np.random.SeedSequence(list(ints)).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
+def _seed_torch(seed: int, device: torch.device) -> None:
+    """`torch.manual_seed(seed)` for the generators this process draws from: the CPU's and
+    its own GPU's (the same states). torch.manual_seed also seeds every other device and,
+    while CUDA is not initialised (CPU runs), records a stack trace for a deferred CUDA
+    seeding: about 0.1 ms of host time, paid every step."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.default_generators[device.index].manual_seed(seed)
+
+
 def rng_states() -> dict[str, Any]:
     import random
     states = {"python": random.getstate(), "numpy": np.random.get_state(),
@@ -381,9 +399,43 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _mark(device: torch.device) -> torch.cuda.Event | float:
+    """A point on the device's timeline: a timing event on the current CUDA stream (the
+    host does not wait for it), or the host clock on CPU, where every op is done when it
+    returns."""
+    if device.type != "cuda":
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def _seconds(start: torch.cuda.Event | float, end: torch.cuda.Event | float) -> float:
+    """Seconds between two marks; waits until the device has reached `end`."""
+    if isinstance(end, float):
+        return end - start
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+@dataclass
+class _LogRecord:
+    """One log step's numbers on their way from the device (see train()'s loop)."""
+
+    step: int
+    steps: list[int]
+    """The optimizer steps whose losses `values` starts with (the log interval)."""
+    values: torch.Tensor
+    """Host copy (page-locked on CUDA, filled asynchronously): the losses of `steps`, then
+    the diagnostics named by `keys`; complete once the device has reached `end`."""
+    keys: list[str]
+    lr: float
+    tokens: int
+    start: torch.cuda.Event | float
+    end: torch.cuda.Event | float
+    """The interval's marks (_mark): `end` is recorded after the copy of `values`."""
+    timed: bool
+    """False for a session's first interval (compilation and warm-up)."""
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -574,9 +626,11 @@ def train(cfg: PretrainConfig, run: str, paths: RunPaths, tracker=None, *,
         ckpt.rotate(paths.checkpoints, t.keep_last)
         return path
 
-    pending: list[tuple[int, torch.Tensor]] = []  # (step, loss) not yet checked for finiteness
+    pending: list[tuple[int, torch.Tensor]] = []  # (step, loss) since the last log step
+    logged: collections.deque[_LogRecord] = collections.deque()  # not yet read back
     timed = {"s": 0.0, "steps": 0}  # train time of logged intervals after the first
-    interval = {"t0": time.perf_counter(), "steps": 0, "first": True}
+    interval = {"start": _mark(rt.device), "first": True}
+    pin = rt.device.type == "cuda"  # page-locked batches: truly asynchronous copies
     diag: dict[str, torch.Tensor] = {}
     last_val = state["last"].get("val/loss")
     bar = None
@@ -587,21 +641,36 @@ def train(cfg: PretrainConfig, run: str, paths: RunPaths, tracker=None, *,
     session_t0 = time.perf_counter()
     wall_before = state["wall_s"]
 
-    def check_finite() -> float:
-        """Mean of the pending losses; raise NonFiniteLoss naming the first bad step."""
-        if not pending:
-            return float("nan")
-        losses = torch.stack([l for _, l in pending]).float().cpu()
+    def read_back(r: _LogRecord) -> float:
+        """Check and log record `r` once the device has reached it; return its mean loss.
+        Raises NonFiniteLoss naming the first step whose loss is NaN/inf."""
+        dt = _seconds(r.start, r.end)  # waits for r.end: r.values is complete
+        n = len(r.steps)
+        losses = r.values[:n]
         bad = (~torch.isfinite(losses)).nonzero()
         if len(bad):
-            s = pending[int(bad[0])][0]
-            raise NonFiniteLoss(f"pretrain@{run}: loss is {losses[int(bad[0])].item()} at step {s}; "
-                                f"stopped, nothing written. Last good checkpoint: "
-                                f"{last_ckpt or 'none'} (resume from it with train.resume: auto "
-                                "after lowering train.lr or raising warmup)")
-        mean = losses.mean().item()
-        pending.clear()
-        return mean
+            i = int(bad[0])
+            raise NonFiniteLoss(f"pretrain@{run}: loss is {losses[i].item()} at step {r.steps[i]} "
+                                f"(read back at step {state['step']}); stopped, nothing written. "
+                                f"Last good checkpoint: {last_ckpt or 'none'} (resume from it "
+                                "with train.resume: auto after lowering train.lr or raising warmup)")
+        train_loss = losses.mean().item()
+        if r.timed:
+            timed["s"] += dt
+            timed["steps"] += n
+        step_s = dt / max(n, 1)
+        tok_s = step_tokens / step_s
+        metrics = {"train/loss": train_loss, "lr": r.lr, "perf/step_ms": step_s * 1e3,
+                   "perf/tok_per_s": tok_s,
+                   "perf/mfu_pct": 100 * mfu(tok_s, fpt, peak) if peak else 0.0,
+                   "tokens": r.tokens}
+        state["last"].update(metrics)
+        if rt.is_main:
+            tracker.log_metrics({**metrics, **dict(zip(r.keys, r.values[n:].tolist()))},
+                                step=r.step)
+        if bar is not None:
+            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+        return train_loss
 
     try:
         model.train()
@@ -610,21 +679,21 @@ def train(cfg: PretrainConfig, run: str, paths: RunPaths, tracker=None, *,
             lr = lr_at(step, t)
             for g in optimizer.param_groups:
                 g["lr"] = lr * g.get("lr_scale", 1.0)
-            torch.manual_seed(_seed_of(cfg.seed, step, rt.rank))  # dropout etc.: a function of the step
+            _seed_torch(_seed_of(cfg.seed, step, rt.rank), rt.device)  # dropout etc.: a function of the step
             if step + 1 == debug_nan:  # test-only: poison a weight so step `debug_nan`'s loss is NaN
                 with torch.no_grad():
                     model.lm_head.weight.view(-1)[0] = float("nan")
-            loss_sum = torch.zeros((), device=rt.device)
             for micro in range(accum):
                 x, y = train_batch(shards.train, seed=cfg.seed, step=step, micro_step=micro,
-                                   rank=rt.rank, batch_size=t.micro_batch, block_size=T)
+                                   rank=rt.rank, batch_size=t.micro_batch, block_size=T,
+                                   pin_memory=pin)
                 x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
                 with autocast:
                     loss, diag = model.training_step(x, y, grad_scale=1.0 / accum,
                                                      label_smoothing=t.label_smoothing,
                                                      optimizer=optimizer)
-                loss_sum += loss.float()
-            loss = loss_sum / accum
+                loss_sum = loss.float() if micro == 0 else loss_sum + loss.float()
+            loss = loss_sum / accum if accum > 1 else loss_sum
             if rt.world > 1:
                 loss = _all_reduce_grads(params_list, loss, rt)
             if t.grad_clip > 0:
@@ -634,7 +703,6 @@ def train(cfg: PretrainConfig, run: str, paths: RunPaths, tracker=None, *,
             state["step"] = step = step + 1
             state["tokens"] += step_tokens
             pending.append((step, loss.detach()))
-            interval["steps"] += 1
 
             is_last = step == t.steps
             do_eval = step % t.eval_every == 0 or is_last
@@ -644,27 +712,25 @@ def train(cfg: PretrainConfig, run: str, paths: RunPaths, tracker=None, *,
                 # stops at the same step: no per-step sync for the flag.
                 stop_now = _any_rank(bool(stop["signum"]), rt)
                 do_save = do_save or stop_now
-                _sync(rt.device)
-                now = time.perf_counter()
-                train_loss = check_finite()
-                dt, n = now - interval["t0"], interval["steps"]
-                if not interval["first"]:  # the first interval holds warm-up / compilation
-                    timed["s"] += dt
-                    timed["steps"] += n
+                # No host sync here: the losses (and 0-d diagnostics) go to host memory by
+                # an asynchronous copy and are checked and logged at the next log step,
+                # when the device is long past them; eval/save/stop steps (and the last)
+                # wait for them, so no checkpoint follows an unchecked loss.
+                scalars = _scalar_diag(diag)
+                values = torch.stack([l for _, l in pending] + [v.float() for v in scalars.values()])
+                values = values.to("cpu", non_blocking=True)  # pinned destination on CUDA
+                end = _mark(rt.device)
+                logged.append(_LogRecord(step, [s for s, _ in pending], values, list(scalars), lr,
+                                         state["tokens"], interval["start"], end,
+                                         timed=not interval["first"]))
                 interval["first"] = False
-                step_s = dt / max(n, 1)
-                tok_s = step_tokens / step_s
-                state["wall_s"] = wall_before + (now - session_t0)
-                metrics = {"train/loss": train_loss, "lr": lr, "perf/step_ms": step_s * 1e3,
-                           "perf/tok_per_s": tok_s,
-                           "perf/mfu_pct": 100 * mfu(tok_s, fpt, peak) if peak else 0.0,
-                           "tokens": state["tokens"]}
-                state["last"].update(metrics)
-                if rt.is_main:
-                    tracker.log_metrics({**metrics, **_scalar_diag(diag)}, step=step)
+                pending.clear()
+                state["wall_s"] = wall_before + (time.perf_counter() - session_t0)
+                wait_all = do_eval or do_save or stop_now
+                while logged and (wait_all or len(logged) > 1):
+                    train_loss = read_back(logged.popleft())
                 if bar is not None:
                     bar.update(step - bar.n)
-                    bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
                 if do_eval:
                     ev = evaluate(model, val, rt, autocast, shards.bytes_per_token_val)
                     last_val = ev["val/loss"]
@@ -677,12 +743,14 @@ def train(cfg: PretrainConfig, run: str, paths: RunPaths, tracker=None, *,
                         tracker.log_metrics(ev, step=step)
                         if bar is not None:
                             bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{last_val:.3f}",
-                                            tok_s=f"{tok_s:,.0f}", refresh=False)
+                                            tok_s=f"{state['last']['perf/tok_per_s']:,.0f}",
+                                            refresh=False)
                 if do_save:
                     last_ckpt = checkpoint(last_val) or last_ckpt
                 if stop_now:
                     raise TrainingInterrupted(stop["signum"] or signal.SIGTERM, last_ckpt)
-                interval.update(t0=time.perf_counter(), steps=0)
+                # the next interval starts here; eval and checkpoint time stay out of it
+                interval["start"] = _mark(rt.device) if do_eval or do_save else end
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)
