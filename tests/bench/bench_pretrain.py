@@ -11,6 +11,8 @@ In one process, on the same config and a seeded char corpus written to a temp di
   synchronised once at the end of the timed steps;
 - `pretrain, null tracker`: stages.pretrain.train() (seeded batches from the
   memmap, lr schedule, loss checks, logging, progress bar) with the null tracker;
+  its step time is the loop's own perf/step_ms (CUDA events on the device's
+  timeline, so host stalls that leave the GPU idle are counted);
 - `pretrain, mlflow tracker`: the same with an MLflow tracker on a SQLite store
   in the temp dir (pipeline/tracking.py: metrics queued, sent by a thread).
 
@@ -74,8 +76,10 @@ def config(args) -> PretrainConfig:
                           train=t)
 
 
-def model_only(cfg: PretrainConfig, data_dir: Path, args) -> float:
-    """Seconds per step of the bare training step (see the module docstring)."""
+def model_only(cfg: PretrainConfig, data_dir: Path, args) -> tuple[float, float]:
+    """Seconds per step of the bare training step (see the module docstring), and the
+    host's seconds per step to enqueue it (before the final synchronisation): when the two
+    are close, every microsecond of host work the loop adds shows in its step time."""
     t = cfg.train
     rt = setup_runtime(t)
     shards = load_shards(data_dir / "tokens", cfg.model["block_size"])
@@ -105,8 +109,10 @@ def model_only(cfg: PretrainConfig, data_dir: Path, args) -> float:
     t0 = time.perf_counter()
     for _ in range(t.steps - args.warmup):
         step()
+    host = time.perf_counter() - t0
     sync()
-    return (time.perf_counter() - t0) / (t.steps - args.warmup)
+    n = t.steps - args.warmup
+    return (time.perf_counter() - t0) / n, host / n
 
 
 def pretrain_loop(cfg: PretrainConfig, data_dir: Path, out: Path, tracked: bool) -> float:
@@ -156,12 +162,14 @@ def main() -> None:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
         rows: dict[str, list[float]] = {"model-only": [], "pretrain, null tracker": [],
                                         "pretrain, mlflow tracker": []}
+        host: list[float] = []  # model-only host enqueue time per step
         for r in range(args.repeats):
             for name in rows:
                 print(f"[{r + 1}/{args.repeats}] {name} ...", file=sys.stderr)
                 cfg = config(args)
                 if name == "model-only":
-                    s = model_only(cfg, data_dir, args)
+                    s, h = model_only(cfg, data_dir, args)
+                    host.append(h)
                 else:
                     s = pretrain_loop(cfg, data_dir, tmp / f"run{r}-{len(rows[name])}",
                                       tracked="mlflow" in name)
@@ -174,7 +182,7 @@ def main() -> None:
     fpt, peak = flops_per_token(gcfg), peak_flops(rt.device)
     device = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
     base = statistics.median(rows["model-only"])
-    print(f"\n{device}; {gcfg.n_layer} layers, {gcfg.n_embd} wide, context {gcfg.block_size}, "
+    print(f"\n{device}, torch {torch.__version__}; {gcfg.n_layer} layers, {gcfg.n_embd} wide, context {gcfg.block_size}, "
           f"batch {cfg.train.micro_batch}, vocab {gcfg.vocab_size}, pc.algorithm {args.algorithm}; "
           f"{args.steps} steps, median of {args.repeats}; compile={args.compile and rt.device.type == 'cuda'}\n")
     print("| variant | step ms | tokens/s | MFU % | overhead vs model-only |")
@@ -185,6 +193,8 @@ def main() -> None:
         print(f"| {name} | {s * 1e3:.2f} | {tokens / s:,.0f} | {m} | {100 * (s / base - 1):+.1f}% |")
     null, ml = (statistics.median(rows[k]) for k in ("pretrain, null tracker", "pretrain, mlflow tracker"))
     print(f"\ntracking overhead (mlflow vs null): {100 * (ml / null - 1):+.2f}% of step time")
+    print(f"model-only host enqueue time: {statistics.median(host) * 1e3:.2f} ms/step "
+          f"(of {base * 1e3:.2f} ms/step wall)")
 
 
 if __name__ == "__main__":
