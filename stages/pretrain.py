@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import copy
 import dataclasses
 import hashlib
 import importlib
@@ -79,7 +78,7 @@ from model.config import GPTConfig, PCConfig
 from model.gpt import GPT
 from model.utils import PEAK_FLOPS, flops_per_token, make_optimizer, mfu
 from pipeline.io import atomic_path, write_json, write_text
-from pipeline.params import ParamsError, build, load_section, read_params, to_dict
+from pipeline.params import ParamsError, build, deep_merge, load_section, read_params, to_dict
 from stages import pretrain_ckpt as ckpt
 from stages.pretrain_data import load_shards, train_batch, unigram_bpb, val_batches
 
@@ -220,13 +219,6 @@ class RunPaths:
                    m / f"{run}_attention.json", Path(train.checkpoints_dir) / run)
 
 
-def _deep_merge(base: dict, override: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in override.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def load_config(run: str, params: dict[str, Any] | None = None,
                 path: str | Path = "params.yaml") -> PretrainConfig:
     """The config of named run `run`: sections model/pc/train with `runs.<run>` merged in.
@@ -252,7 +244,7 @@ def load_config(run: str, params: dict[str, Any] | None = None,
         if key in (override.get("train") or {}):
             raise ParamsError(f"runs.{run}.train.{key}: paths cannot be overridden per run "
                               "(dvc.yaml declares them from the base `train` section)")
-    merged = {s: _deep_merge(params.get(s) or {}, override.get(s) or {})
+    merged = {s: deep_merge(params.get(s) or {}, override.get(s) or {})
               for s in ("model", "pc", "train")}
     seed = params.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
