@@ -120,6 +120,14 @@ def _pad_last(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return F.pad(x, (0, extra)) if extra else x
 
 
+def _common_width(*xs: torch.Tensor) -> list[torch.Tensor]:
+    """Zero-pad the last dims of augmented q', k' and v to one multiple of 8: equal head
+    dims keep SDPA's flash kernel eligible, and zero columns change neither the scores
+    nor the outputs (v may be wider than q', e.g. the identity used for attention maps)."""
+    width = -(-max(x.shape[-1] for x in xs) // 8) * 8
+    return [F.pad(x, (0, width - x.shape[-1])) for x in xs]
+
+
 def _split(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """An fp32 column (…, 1) as two columns [hi, lo] in `dtype` with hi + lo ≈ x to ~2⁻¹⁶ relative.
 
@@ -218,9 +226,7 @@ def _gaussian(q, k, v, p: KernelParams, mask, settle: bool) -> torch.Tensor:
     half = (-0.5 * lam).expand(*q.shape[:-1], 1)
     qa = torch.cat([q * lam, half, half], dim=-1)                                    # (B, H, T, D+2)
     ka = torch.cat([k, _split(k.float().square().sum(-1, keepdim=True), k.dtype)], dim=-1)  # [k, ‖k‖² hi, lo]
-    qa, ka = _pad_last(qa, 8), _pad_last(ka, 8)
-    va = F.pad(v, (0, qa.shape[-1] - v.shape[-1]))  # equal head dims keep flash eligible
-    return _sdpa(qa, ka, va, mask, scale=1.0)[..., :v.shape[-1]]
+    return _sdpa(*_common_width(qa, ka, v), mask, scale=1.0)[..., :v.shape[-1]]
 
 
 def _mixture(q, k, v, p: KernelParams, mask, settle: bool) -> torch.Tensor:
@@ -242,9 +248,7 @@ def _mixture(q, k, v, p: KernelParams, mask, settle: bool) -> torch.Tensor:
     va = v.repeat(1, 1, C, 1)                                                    # (B, Hkv, C·S, D)
     allowed = causal_mask(T, S, q.device) if mask is None else mask
     allowed = allowed.repeat(*([1] * (allowed.dim() - 1)), C)                    # (…, T, C·S)
-    qa, ka = _pad_last(qa, 8), _pad_last(ka, 8)
-    va = F.pad(va, (0, qa.shape[-1] - D))
-    return _sdpa(qa, ka, va, allowed, scale=1.0)[..., :D]
+    return _sdpa(*_common_width(qa, ka, va), allowed, scale=1.0)[..., :v.shape[-1]]
 
 
 # student_t / laplace: q' = [2q, −‖q‖², −1], k' = [k, 1, ‖k‖²] make the raw score −d², and a

@@ -480,7 +480,7 @@ def attention_map(model: GPT, x: torch.Tensor, layer: int = 0, head: int = 0) ->
     q, k, p, kw = calls[layer]
     S = k.shape[-2]
     eye = torch.eye(S, dtype=q.dtype, device=q.device).expand(k.shape[0], k.shape[1], S, S)
-    probs = original(q, k, eye.contiguous(), p, **kw)  # (B, H, T, S)
+    probs = original(q, k, eye.contiguous(), p, **{**kw, "impl": "reference"})  # (B, H, T, S), exact
     return probs[0, head].float().tolist()
 
 

@@ -304,3 +304,20 @@ def test_gpu_fused_path_equals_reference(kernel, dtype):
                 continue
             bound = tol if name in ("q", "k", "v") else tol_param
             assert rel(g[name], gr) < bound, (mode, name, rel(g[name], gr))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_values_wider_than_the_head_dim(kernel):
+    """v of any width (e.g. the identity, whose output is the attention matrix itself)."""
+    torch.manual_seed(0)
+    B, H, T, D = 1, 2, 19, 8
+    q, k = torch.randn(B, H, T, D), torch.randn(B, H, T, D)
+    eye = torch.eye(T).expand(B, H, T, T).contiguous()
+    cfg = GPTConfig(n_layer=1, n_head=H, n_embd=H * D, block_size=32,
+                    attention=dict(kernel=kernel, precision="fixed" if kernel == "dot" else "head"))
+    p = CausalSelfAttention(cfg).kernel_params()
+    fast, ref = attention(q, k, eye, p), reference_attention(q, k, eye, p)
+    assert fast.shape == (B, H, T, T)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast.sum(-1), torch.ones(B, H, T))  # rows are probabilities
+    assert fast.triu(1).abs().max() == 0                             # causal
