@@ -61,9 +61,10 @@ class Project:
     def params(self) -> dict[str, Any]:
         return yaml.safe_load((self.path / "params.yaml").read_text())
 
-    def set_params(self, override: dict[str, Any]) -> None:
-        """Deep-merge `override` into the copy's params.yaml."""
-        params = deep_merge(self.params, override)
+    def set_params(self, override: dict[str, Any], replace: tuple[str, ...] = ()) -> None:
+        """Deep-merge `override` into the copy's params.yaml; the top-level sections named
+        in `replace` are replaced whole instead (e.g. a smaller ablation grid)."""
+        params = deep_merge({k: v for k, v in self.params.items() if k not in replace}, override)
         (self.path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     def commit(self, msg: str = "snapshot") -> None:

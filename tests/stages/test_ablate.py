@@ -81,7 +81,8 @@ TINY = {
 GRID = {
     "seeds": [0, 1],
     "scale": {"model": {"n_layer": 2, "n_embd": 16, "n_head": 2, "block_size": 16},
-              "train": {"steps": 8, "eval_every": 4, "save_every": 4, "log_every": 4}},
+              "train": {"steps": 8, "eval_every": 4, "save_every": 4, "log_every": 4,
+                        "sample_prompts": ["ab"], "sample_tokens": 4}},
     "variants": {
         "pcgpt": {"question": "control", "description": "PC-GPT default"},
         "bp": {"question": "control", "override": {"pc": {"algorithm": "bp"},
@@ -99,9 +100,8 @@ def ran(stdout: str) -> set[str]:
 
 @pytest.mark.slow
 def test_whole_pipeline_repro_then_noop_then_only_new_variant(project):
-    params = project.params
-    params["ablation"] = {**params["ablation"], **GRID}
-    project.set_params({**TINY, "ablation": params["ablation"]})
+    grid = {**project.params["ablation"], **GRID}  # the default grid's variants replaced
+    project.set_params({**TINY, "ablation": grid}, replace=("ablation",))
     project.commit("tiny pipeline")
 
     first = ran(project.dvc("repro").stdout)

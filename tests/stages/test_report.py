@@ -387,7 +387,7 @@ def test_dvc_stage_runs_and_logs_to_the_parent_run(project):
     stage = yaml.safe_load((project.path / "dvc.yaml").read_text())["stages"]["report"]
     (project.path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"report": stage}}, sort_keys=False))
     written = write_report_inputs(project.path)
-    project.set_params({"ablation": written.params})
+    project.set_params({"ablation": written.params}, replace=("ablation",))
     project.commit("inputs")
     head = project.run("git", "rev-parse", "HEAD").stdout.strip()
     project.dvc("repro", "report")
