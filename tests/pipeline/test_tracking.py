@@ -397,3 +397,20 @@ def test_log_metrics_costs_microseconds(store):
     assert len(store.get_metric_history(tr.run_id, "perf/tok_per_s")) == n
     # 1% of a 10 ms GPU step is 100 us; leave a wide margin for a loaded CI box.
     assert per_call < 50e-6, f"log_metrics took {per_call * 1e6:.1f} us per call"
+
+
+def test_tensor_metrics_are_read_back_exactly_with_their_steps(store):
+    """The training loop hands over detached 0-d tensors (any float dtype) mixed with Python
+    numbers; the background thread converts them in one copy per device."""
+    import torch
+
+    values = {"a": torch.tensor(1.25), "b": torch.tensor(2.5, dtype=torch.bfloat16),
+              "c": torch.tensor(0.1, dtype=torch.float64), "d": 7, "e": torch.tensor([3.0])}
+    assert tracking._floats(list(values.values())) == [1.25, 2.5, 0.1, 7.0, 3.0]
+    with tracking.stage_run("probe", config=CFG) as tracker:
+        for step in (1, 2):
+            tracker.log_metrics({k: v * step for k, v in values.items()}, step=step)
+        run_id = tracker.run_id
+    for name, v in values.items():
+        history = sorted((m.step, m.value) for m in store.get_metric_history(run_id, name))
+        assert history == [(1, float(v)), (2, float(v * 2))], name
