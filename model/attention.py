@@ -538,9 +538,7 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, k, v)  # all keys/values so far: (B, Hkv, S, D)
             mask = kv_cache.attn_mask(T)             # None unless the rows sit at different positions
-        p = self.kernel_params(x)
-        q = self.settle(q, k, p, mask)
-        y = attention(q, k, v, p, mask=mask)         # (B, H, T, D)
+        y = self.attend(q, k, v, x, mask)            # (B, H, T, D)
         y = y.transpose(1, 2).contiguous().view(B, T, -1)
         return self.resid_dropout(self.c_proj(y))
 

@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
 import hashlib
 import importlib
 import json
@@ -64,7 +63,6 @@ import resource
 import signal
 import sys
 import time
-import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path

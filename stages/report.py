@@ -101,7 +101,6 @@ REQUIRED_NUMERIC = ("step", "tokens", "wall_s", "train/loss", "val/loss", "val/p
 CURVE_COLUMNS = ("step", "tokens", "wall_s", "train_loss", "val_loss", "lr")
 
 
-log = logging.getLogger(__name__)
 
 
 class ReportInputError(ValueError):
@@ -741,7 +740,7 @@ def build_document(inputs: Inputs, results: pd.DataFrame, cfg: ReportConfig, roo
         blocks.append(Note(n))
 
     # -- headline
-    blocks.append(Heading(f"Baseline vs PC-GPT", 2, "headline"))
+    blocks.append(Heading("Baseline vs PC-GPT", 2, "headline"))
     blocks += headline_blocks(inputs, cfg)
     fig = figs.curves(inputs.curves, cfg.baseline_run, cfg.pcgpt_run, fig_dir)
     blocks.append(fig.block() if fig.ok else Note(fig.note))
@@ -854,23 +853,12 @@ def write_report(inputs: Inputs, cfg: ReportConfig, root: Path) -> dict[str, Pat
 def log_report(tracker: Tracker, paths: dict[str, Path]) -> None:
     """Log the report files as artifacts under `report/`: to the report's own stage run and to
     the pipeline's parent run, where a researcher opening the pipeline execution finds them.
-
-    `tracker` comes from `pipeline.tracking.stage_run` (MLflow or null). The tracker
-    interface logs to its own run only, so the copy on the parent goes through the
-    MLflow client of an MlflowTracker; a failure there is a warning, never an error.
-    """
-    for path in paths.values():
-        tracker.log_artifact(path, artifact_path=f"report/{path.name}" if path.is_dir() else "report")
-    if isinstance(tracker, tracking.MlflowTracker) and tracker.parent_run_id:
-        try:
-            for path in paths.values():
-                if path.is_dir():
-                    tracker.client.log_artifacts(tracker.parent_run_id, str(path), f"report/{path.name}")
-                else:
-                    tracker.client.log_artifact(tracker.parent_run_id, str(path), "report")
-        except Exception as e:  # noqa: BLE001 - tracking must never stop the stage
-            log.warning("could not log the report to parent run %s: %s: %s",
-                        tracker.parent_run_id, type(e).__name__, e)
+    `tracker` comes from `pipeline.tracking.stage_run` (MLflow or null); a failed upload is
+    the tracker's one warning, never an error."""
+    for to_parent in (False, True):
+        for path in paths.values():
+            tracker.log_artifact(path, f"report/{path.name}" if path.is_dir() else "report",
+                                 to_parent=to_parent)
 
 
 def prepare(root: Path = Path("."), params_file: Path | None = None
