@@ -10,9 +10,11 @@ before its variant's override, so all items differ from the base in one factor).
 
 Reads:  data/tokens/, data/tokenizer/; params.yaml `model`, `pc`, `train`,
         `runs.<base>`, `ablation.base`, `ablation.scale`, `ablation.variants.<variant>`,
-        `ablation.metrics_dir`, `ablation.scratch_dir`.
-Writes: metrics/ablate/<variant>-<seed>.json  the run's final metrics (the flat keys of
-        a pretrain metrics file) + variant, seed, question, override, description;
+        `ablation.metrics_dir`, `ablation.scratch_dir` (at start-up every run and every
+        variant of the grid is checked, before any work).
+Writes: metrics/ablate/<variant>-<seed>.json  the run's headline metrics (a DVC metric) and
+        metrics/ablate/<variant>-<seed>_details.json  the rest: variant, seed, question,
+        override, description, device and the diagnostics (pipeline/metrics.py);
         <scratch_dir>/<variant>-<seed>/  resumable checkpoints, the item's model, curve
         and samples (scratch: not DVC outs, git-ignored);
         an MLflow child run under the pipeline's parent, tagged with variant and seed.
@@ -34,9 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.io import write_json
-from pipeline.params import ParamsError, build, deep_merge, flatten, read_params
+from pipeline.metrics import write_run_metrics
+from pipeline.params import (ParamsError, attempt, build, check_seed, deep_merge, fail, flatten,
+                             read_params, validate)
 
+SECTIONS = ("ablation",)
 QUESTIONS = ("control", "precision", "distribution", "pathway", "settling")
 
 
@@ -100,6 +104,7 @@ def item_name(variant: str, seed: int) -> str:
 
 
 def load_ablation(params: dict[str, Any]) -> AblationConfig:
+    """The `ablation` section on its own (its base run must exist)."""
     if "ablation" not in params:
         raise ParamsError("ablation: section missing from params.yaml")
     cfg = build(AblationConfig, params["ablation"], "ablation")
@@ -112,20 +117,29 @@ def load_ablation(params: dict[str, Any]) -> AblationConfig:
 
 def item_config(params: dict[str, Any], abl: AblationConfig, variant: str, seed: int):
     """The PretrainConfig of one grid item: base run <- grid scale <- variant override, seed."""
-    from stages.pretrain import load_config
-
     if variant not in abl.variants:
         raise ParamsError(f"ablation.variants.{variant}: no such variant "
                           f"(known: {', '.join(sorted(abl.variants))})")
+    from stages.pretrain_config import check_override, merge_config
+
+    # a base run of the wrong shape fails as itself: one line, not one per variant
+    check_override(params["runs"].get(abl.base) or {}, f"runs.{abl.base}")
     override = deep_merge(params["runs"].get(abl.base) or {}, abl.scale)
     override = deep_merge(override, abl.variants[variant].override)
-    name = item_name(variant, seed)
-    merged = {**params, "runs": {name: override}}
-    try:
-        cfg = load_config(name, merged)
-    except ParamsError as e:
-        raise ParamsError(f"ablation.variants.{variant}: {e}") from e
+    cfg = merge_config(params, override, f"ablation.variants.{variant}")
     return dataclasses.replace(cfg, seed=seed)
+
+
+def check_params(params: dict[str, Any]) -> None:
+    """The `ablation` section on its own, then every variant merged over the base run: a
+    broken variant fails every item's start, not only its own (after hours of the others)."""
+    found: list[str] = []
+    abl = attempt(found, load_ablation, params)
+    if abl is not None:
+        for variant in abl.variants:
+            attempt(found, item_config, params, abl, variant, abl.seeds[0])
+    if found:
+        raise ParamsError(*found)
 
 
 def evaluate_with(model_dir: Path, tokens_dir: Path, cfg, eval_override: EvalOverride) -> dict[str, float]:
@@ -191,7 +205,7 @@ def run_item(params: dict[str, Any], variant: str, seed: int, tracker=None) -> d
     out = {**metrics, "variant": variant, "seed": seed, "question": v.question,
            "description": v.description or variant, "override": override,
            "wall_s": round(time.perf_counter() - t0, 3)}
-    write_json(Path(abl.metrics_dir) / f"{name}.json", out)
+    write_run_metrics(Path(abl.metrics_dir) / f"{name}.json", out)
     return out
 
 
@@ -203,22 +217,25 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     from pipeline import tracking
     from pipeline.params import load_section
+    from stages import pretrain_config, tokenizer
     from stages.pretrain import TrainingInterrupted
 
     try:
         params = read_params(args.params)
+        validate(params, [check_seed, pretrain_config.check_params, check_params,
+                          tokenizer.check_params, tracking.check_params])
         abl = load_ablation(params)
         cfg = item_config(params, abl, args.variant, args.seed)
         if args.seed not in abl.seeds:
             raise ParamsError(f"seed {args.seed}: not in ablation.seeds {abl.seeds}")
         tcfg = load_section(tracking.TrackingConfig, "tracking", params=params)
     except ParamsError as e:
-        sys.exit(f"ablate: error: {e}")
+        fail("ablate", e)
     v = abl.variants[args.variant]
     tags = {"ablation.variant": args.variant, "ablation.seed": args.seed,
             "ablation.question": v.question, "pc.algorithm": cfg.pc.algorithm}
     try:
-        with tracking.stage_run(f"ablate@{item_name(args.variant, args.seed)}", params=cfg,
+        with tracking.stage_run(f"ablate@{item_name(args.variant, args.seed)}", params=cfg.to_params(),
                                 config=tcfg, tags=tags) as tracker:
             out = run_item(params, args.variant, args.seed, tracker)
     except TrainingInterrupted as e:

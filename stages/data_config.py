@@ -11,8 +11,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pipeline.params import ParamsError
+from pipeline.params import ParamsError, load_section
 
+SECTIONS = ("data",)
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 SYNTHETIC_TASKS = ("copy", "repeat", "classify")
 
@@ -155,3 +156,8 @@ class DataConfig:
     def spec(self) -> SourceSpec:
         """The catalog entry of the chosen source."""
         return self.catalog[self.source]
+
+
+def check_params(params: dict) -> DataConfig:
+    """The `data` section (pipeline.params.check_file, and the stages that read it)."""
+    return load_section(DataConfig, "data", params=params)

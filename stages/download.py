@@ -1,7 +1,8 @@
 """Stage `download`: fetch the corpus named by `data.source` and store it as documents.
 
-Reads:  params.yaml `seed` and `data` (the source is `data.catalog[data.source]`,
-        see stages/data_config.py and stages/data_sources.py for the kinds).
+Reads:  params.yaml `seed`, `data` (the source is `data.catalog[data.source]`, see
+        stages/data_config.py and stages/data_sources.py for the kinds) and `tracking`,
+        all checked before any work.
 Writes: data/raw/<source>/docs.parquet   one row per document: doc_id, text, source
         data/raw/<source>/manifest.json  every file read (name, bytes, sha256), totals
         metrics/download.json            counts and wall_s
@@ -18,7 +19,6 @@ empty corpus, bad bytes, unsafe archive) leaves nothing half-written.
 from __future__ import annotations
 
 import shutil
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -28,7 +28,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.io import sha256_file, write_json
-from pipeline.params import ParamsError, load_section, read_params
+from pipeline.params import ParamsError, check_seed, fail, load_section, read_params, validate
+from stages import data_config
 from stages._fetch import DownloadError
 from stages.data_config import DataConfig
 from stages.data_sources import CorpusError, read_source
@@ -96,21 +97,14 @@ def run(cfg: DataConfig, seed: int, progress: bool = True) -> dict:
     return metrics
 
 
-def load_config(params_path: str = "params.yaml") -> tuple[DataConfig, int]:
-    """The `data` section and the shared seed, validated."""
-    params = read_params(params_path)
-    seed = params.get("seed")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ParamsError(f"seed: expected an integer, got {seed!r}")
-    return load_section(DataConfig, "data", params=params), seed
-
-
 def main() -> None:
     from pipeline import tracking
 
     try:
-        cfg, seed = load_config()
-        tcfg = load_section(tracking.TrackingConfig, "tracking")
+        params = read_params()
+        validate(params, [check_seed, data_config.check_params, tracking.check_params])
+        cfg, seed = load_section(DataConfig, "data", params=params), check_seed(params)
+        tcfg = load_section(tracking.TrackingConfig, "tracking", params=params)
         with tracking.stage_run("download", params=cfg, config=tcfg) as tracker:
             metrics = run(cfg, seed)
             manifest = Path(cfg.raw_dir) / cfg.source / "manifest.json"
@@ -119,7 +113,7 @@ def main() -> None:
                                  and not isinstance(v, bool)}, step=0)
             tracker.log_artifact(manifest)
     except (ParamsError, DownloadError, CorpusError) as e:
-        sys.exit(f"download: error: {e}")
+        fail("download", e)
     print(f"download: {metrics['documents']:,} documents, {metrics['characters']:,} characters "
           f"from {metrics['source']!r} in {metrics['wall_s']:.1f}s")
 

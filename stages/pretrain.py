@@ -2,10 +2,12 @@
 
 Reads:  data/tokens/{train,val}.bin + meta.json, data/tokenizer/ (paths from the
         `tokenizer` section); params.yaml `seed`, `model`, `pc`, `train`, and
-        `runs.<run>` (an override of model/pc/train, deep-merged over them).
+        `runs.<run>` (an override of model/pc/train, deep-merged over them); every
+        run and the `tokenizer` and `tracking` sections are checked before any work.
 Writes: models/<run>/model.safetensors + meta.json (model config, stage config,
         step, tokens seen, git commit, tokenizer sha256)
-        metrics/pretrain/<run>.json              final metrics (flat, see below)
+        metrics/pretrain/<run>.json              headline metrics (a DVC metric)
+        metrics/pretrain/<run>_details.json      the rest: diagnostics, device, ... (pipeline/metrics.py)
         metrics/pretrain/<run>_curve.tsv         one row per evaluation (`dvc plots`)
         metrics/pretrain/<run>_samples.json      seeded samples from fixed prompts
         metrics/pretrain/<run>_attention.json    one head's attention on a val window
@@ -54,9 +56,7 @@ from __future__ import annotations
 
 import argparse
 import collections
-import hashlib
 import importlib
-import json
 import math
 import os
 import resource
@@ -66,134 +66,27 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from model.config import GPTConfig, PCConfig
 from model.gpt import GPT
 from model.utils import PEAK_FLOPS, flops_per_token, make_optimizer, mfu
 from pipeline.io import atomic_path, write_json, write_text
-from pipeline.params import ParamsError, build, deep_merge, load_section, read_params, to_dict
+from pipeline.metrics import CURVE_COLUMNS, details_path, is_number, write_run_metrics
+from pipeline.params import ParamsError, check_seed, fail, load_section, read_params, to_dict, validate
 from stages import pretrain_ckpt as ckpt
+from stages.pretrain_config import PretrainConfig, TrainConfig, config_hash, load_config
 from stages.pretrain_data import load_shards, train_batch, unigram_bpb, val_batches
 
 ENV_DEBUG_NAN = "PCGPT_DEBUG_NAN_AT_STEP"
 EXIT_NONFINITE = 3
-PATH_KEYS = ("models_dir", "metrics_dir", "checkpoints_dir")
-CURVE_COLUMNS = ("step", "tokens", "wall_s", "train_loss", "val_loss", "lr")
+PYFUNC_CODE = Path(__file__).with_name("pretrain_pyfunc.py")  # the logged model's code
 
 
-# --------------------------------------------------------------------------- config
-
-@dataclass
-class TrainConfig:
-    """The `train` section: schedule, optimizer, evaluation, checkpoints, paths."""
-
-    steps: int = 600
-    """Optimizer steps."""
-    micro_batch: int = 16
-    """Sequences per rank per micro-step (what fits in memory)."""
-    batch_tokens: int = 0
-    """Tokens per optimizer step over all ranks and micro-steps; must be a multiple of
-    micro_batch*block_size*world_size (the quotient is the gradient-accumulation count).
-    0: one micro-step per rank."""
-    optimizer: Literal["adamw", "muon"] = "adamw"
-    """`muon`: Muon for the 2-D block matrices, AdamW for the rest (model/utils.py)."""
-    lr: float = 3e-3
-    """Peak learning rate (AdamW; Muon's own lr is scaled by make_optimizer)."""
-    min_lr_frac: float = 0.1
-    """The decay ends at lr*min_lr_frac (a floor, not zero: the last steps still learn)."""
-    warmup_steps: int = 50
-    decay: Literal["cosine", "linear"] = "cosine"
-    weight_decay: float = 0.1
-    """Decoupled weight decay on matrices and embeddings only (not gains or precisions)."""
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    """Clip the global grad norm to this (0 = off)."""
-    label_smoothing: float = 0.0
-    eval_every: int = 100
-    """Evaluate on the fixed val batches every this many steps (and at the end)."""
-    eval_batches: int = 8
-    """Fixed val batches of micro_batch windows, spread evenly over val.bin."""
-    log_every: int = 10
-    """Log train metrics (and check the loss is finite) every this many steps."""
-    save_every: int = 100
-    """Checkpoint every this many steps (and at the end and on SIGTERM/SIGINT)."""
-    keep_last: int = 2
-    """Checkpoints kept besides the best one."""
-    resume: Literal["auto", "never"] = "auto"
-    """`auto`: continue from the newest intact checkpoint of the same config, if any;
-    `never`: delete this run's checkpoints and start from step 0."""
-    device: str = "auto"
-    """`auto` (cuda if available, else cpu), `cpu`, `cuda`, `cuda:1`, ..."""
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """Autocast dtype of the forward: `auto` = bfloat16 on CUDA, float32 on CPU."""
-    compile: bool = True
-    """torch.compile the model on CUDA. CPU runs never compile: at this scale the
-    compile time exceeds what it saves in a 5-minute run."""
-    threads: int = 0
-    """torch CPU threads per process (0: the cores divided by the local ranks)."""
-    deterministic: bool = False
-    """torch.use_deterministic_algorithms (slower on GPU; CPU runs are deterministic anyway)."""
-    sample_prompts: list[str] = field(default_factory=lambda: ["ROMEO:", "To be, or not"])
-    sample_tokens: int = 64
-    sample_temperature: float = 0.8
-    sample_top_k: int = 50
-    models_dir: str = "models"
-    """The final model goes to <models_dir>/<run>/."""
-    metrics_dir: str = "metrics/pretrain"
-    """<run>.json, <run>_curve.tsv, <run>_samples.json, <run>_attention.json."""
-    checkpoints_dir: str = "checkpoints"
-    """Scratch: <checkpoints_dir>/<run>/ (not a DVC out, survives `dvc repro`)."""
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "micro_batch", "eval_every", "eval_batches", "log_every",
-                     "save_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("batch_tokens", "warmup_steps", "keep_last", "threads", "sample_tokens",
-                     "sample_top_k"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr: must be > 0, got {self.lr}")
-        if not 0 <= self.min_lr_frac <= 1:
-            raise ValueError(f"min_lr_frac: must be in [0, 1], got {self.min_lr_frac}")
-        if self.weight_decay < 0 or self.grad_clip < 0:
-            raise ValueError("weight_decay, grad_clip: must be >= 0")
-        for name in ("beta1", "beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be in [0, 1), got {getattr(self, name)}")
-        if not 0 <= self.label_smoothing < 1:
-            raise ValueError(f"label_smoothing: must be in [0, 1), got {self.label_smoothing}")
-        if not self.sample_temperature > 0:
-            raise ValueError(f"sample_temperature: must be > 0, got {self.sample_temperature}")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise ValueError(f"device: {self.device!r} must be auto, cpu, cuda or cuda:<n>")
-
-
-@dataclass
-class PretrainConfig:
-    """Everything one training run depends on: what `train()` takes and checkpoints hash."""
-
-    seed: int
-    model: dict[str, Any]
-    """GPTConfig fields except `vocab_size` (from the shards' meta.json) and `pc`."""
-    pc: PCConfig
-    train: TrainConfig
-
-    def gpt_config(self, vocab_size: int) -> GPTConfig:
-        """The model config for the shards' vocabulary of `vocab_size` ids, unpadded:
-        model/generate.py samples from every logit, so padding ids (never trained
-        toward anything but "unlikely") would be sampled by an undertrained model and
-        fail to decode. The default BPE size, 2048, is a multiple of 64 already."""
-        return build(GPTConfig, {**self.model, "vocab_size": vocab_size, "pc": to_dict(self.pc)},
-                     "model")
-
+# --------------------------------------------------------------------------- paths
 
 @dataclass
 class RunPaths:
@@ -215,60 +108,6 @@ class RunPaths:
         return cls(Path(tokens_dir), Path(tokenizer_dir), Path(train.models_dir) / run,
                    m / f"{run}.json", m / f"{run}_curve.tsv", m / f"{run}_samples.json",
                    m / f"{run}_attention.json", Path(train.checkpoints_dir) / run)
-
-
-def load_config(run: str, params: dict[str, Any] | None = None,
-                path: str | Path = "params.yaml") -> PretrainConfig:
-    """The config of named run `run`: sections model/pc/train with `runs.<run>` merged in.
-
-    Every key is checked before any work; errors name the key (and the run whose
-    override introduced it).
-    """
-    params = read_params(path) if params is None else params
-    runs = params.get("runs")
-    if not isinstance(runs, dict) or not runs:
-        raise ParamsError("runs: missing or empty (a mapping of run name -> override)")
-    if run not in runs:
-        raise ParamsError(f"runs.{run}: no such run (known: {', '.join(sorted(runs))})")
-    override = runs[run] or {}
-    if not isinstance(override, dict):
-        raise ParamsError(f"runs.{run}: expected a mapping of sections, got {override!r}")
-    for section, value in override.items():
-        if section not in ("model", "pc", "train"):
-            raise ParamsError(f"runs.{run}.{section}: unknown section (allowed: model, pc, train)")
-        if not isinstance(value, dict):
-            raise ParamsError(f"runs.{run}.{section}: expected a mapping, got {value!r}")
-    for key in PATH_KEYS:
-        if key in (override.get("train") or {}):
-            raise ParamsError(f"runs.{run}.train.{key}: paths cannot be overridden per run "
-                              "(dvc.yaml declares them from the base `train` section)")
-    merged = {s: deep_merge(params.get(s) or {}, override.get(s) or {})
-              for s in ("model", "pc", "train")}
-    seed = params.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ParamsError(f"seed: expected an integer, got {seed!r}")
-    try:
-        for key in ("vocab_size", "pc"):
-            if key in merged["model"]:
-                where = "data/tokens/meta.json" if key == "vocab_size" else "the `pc` section"
-                raise ParamsError(f"model.{key}: not a model param here (it comes from {where})")
-        cfg = PretrainConfig(seed=seed, model=merged["model"],
-                             pc=build(PCConfig, merged["pc"], "pc"),
-                             train=build(TrainConfig, merged["train"], "train"))
-        cfg.gpt_config(64)  # validates the model section now, not after loading data
-    except ParamsError as e:
-        raise ParamsError(f"{e} (params after merging runs.{run})") from e
-    return cfg
-
-
-def config_hash(cfg: PretrainConfig) -> str:
-    """sha256 of what determines the trajectory: checkpoints of another hash are not resumed.
-    Bookkeeping knobs (logging, saving, resume, samples, paths) are left out."""
-    d = to_dict(cfg)
-    for k in ("resume", "log_every", "save_every", "keep_last", "sample_prompts", "sample_tokens",
-              "sample_temperature", "sample_top_k", *PATH_KEYS):
-        d["train"].pop(k)
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------- runtime
@@ -545,7 +384,7 @@ def train(cfg: PretrainConfig, run: str, paths: RunPaths, tracker=None, *,
     tracker = tracker or NullTracker()
     t = cfg.train
     rt = setup_runtime(t)
-    shards = load_shards(paths.tokens_dir, int(cfg.model.get("block_size", GPTConfig.block_size)))
+    shards = load_shards(paths.tokens_dir, cfg.model.block_size)
     gcfg = cfg.gpt_config(shards.vocab_size)
     T = gcfg.block_size
     per_micro = t.micro_batch * T * rt.world
@@ -611,7 +450,7 @@ def train(cfg: PretrainConfig, run: str, paths: RunPaths, tracker=None, *,
             return None
         path = ckpt.save(paths.checkpoints, state["step"], {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "rng": rng_states(), "state": state, "config": to_dict(cfg)},
+            "rng": rng_states(), "state": state, "config": cfg.to_params()},
             val_loss=val_loss, config_hash=chash)
         ckpt.rotate(paths.checkpoints, t.keep_last)
         return path
@@ -817,7 +656,7 @@ def _write_outputs(model, cfg, gcfg, run, paths: RunPaths, tracker, tokenizer, s
     from pipeline.tracking import default_pip_requirements
 
     git = git_state()
-    meta = {"run": run, "model": to_dict(gcfg), "stage": to_dict(cfg), "step": state["step"],
+    meta = {"run": run, "model": to_dict(gcfg), "stage": cfg.to_params(), "step": state["step"],
             "tokens": state["tokens"], "git_commit": git["commit"], "git_dirty": git["dirty"],
             "tokenizer_sha256": shards.meta.get("tokenizer_sha256"),
             "vocab_size_data": shards.vocab_size, "n_params": final["n_params"]}
@@ -830,21 +669,27 @@ def _write_outputs(model, cfg, gcfg, run, paths: RunPaths, tracker, tokenizer, s
         "layer": 0, "head": 0, "kernel": gcfg.attention.kernel,
         "tokens": [tokenizer.decode([i]) for i in x[0].tolist()],
         "weights": attention_map(model, x)})
-    write_json(paths.metrics, final)
+    write_run_metrics(paths.metrics, final)
     logged_in_loop = ("step", "tokens", "train/loss", "val/loss", "val/ppl", "val/bpb", "val/acc")
-    tracker.log_metrics({k: v for k, v in final.items() if isinstance(v, (int, float))
-                         and not isinstance(v, bool) and k not in logged_in_loop}, step=state["step"])
-    for p in (paths.model_dir / "meta.json", paths.metrics, paths.curve, paths.samples,
-              paths.attention):
+    tracker.log_metrics({k: v for k, v in final.items() if is_number(v) and k not in logged_in_loop},
+                        step=state["step"])
+    for p in (paths.model_dir / "meta.json", paths.metrics, details_path(paths.metrics), paths.curve,
+              paths.samples, paths.attention):
         tracker.log_artifact(p)
     if register is not None:
-        from stages.pretrain_pyfunc import GPTGenerator, signature
         tracker.log_pyfunc_model(
-            GPTGenerator(), artifacts={"model_dir": str(paths.model_dir),
-                                       "tokenizer_dir": str(paths.tokenizer_dir)},
+            str(PYFUNC_CODE), artifacts={"model_dir": str(paths.model_dir),
+                                         "tokenizer_dir": str(paths.tokenizer_dir)},
             name="model", registered_name=register[0], alias=register[1],
             code_paths=_code_paths(), pip_requirements=default_pip_requirements(),
-            signature=signature())
+            signature=_pyfunc_signature)
+
+
+def _pyfunc_signature():
+    """Built only when a model is really logged (it imports MLflow)."""
+    from stages.pretrain_pyfunc import signature
+
+    return signature()
 
 
 # --------------------------------------------------------------------------- main
@@ -862,14 +707,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
     from pipeline import tracking
-    from stages.tokenizer import TokenizerConfig
+    from stages import pretrain_config, tokenizer
     try:
         params = read_params(args.params)
+        validate(params, [check_seed, pretrain_config.check_params, tokenizer.check_params,
+                          tracking.check_params])
         cfg = load_config(args.run, params)
-        tok = load_section(TokenizerConfig, "tokenizer", params=params)
+        tok = load_section(tokenizer.TokenizerConfig, "tokenizer", params=params)
         tcfg = load_section(tracking.TrackingConfig, "tracking", params=params)
     except ParamsError as e:
-        sys.exit(f"pretrain: error: {e}")
+        fail("pretrain", e)
     paths = RunPaths.for_run(args.run, cfg.train, tok.tokens_dir, tok.dir)
     manifest = None  # provenance only (tagged on the MLflow run), not a DVC param
     if "data" in params:
@@ -881,9 +728,9 @@ def main(argv: list[str] | None = None) -> None:
             pass  # the download stage names that error; training does not need it
     rank = int(os.environ.get("RANK", "0"))
     stage = f"pretrain@{args.run}"
-    tracked = (tracking.stage_run(stage, params=cfg, config=tcfg, manifest=manifest,
+    tracked = (tracking.stage_run(stage, params=cfg.to_params(), config=tcfg, manifest=manifest,
                                   tags={"pcgpt.run": args.run, "pc.algorithm": cfg.pc.algorithm,
-                                        "attention.kernel": cfg.gpt_config(64).attention.kernel})
+                                        "attention.kernel": cfg.model.attention.kernel})
                if rank == 0 else nullcontext(tracking.NullTracker()))
     try:
         with tracked as tracker:
@@ -896,7 +743,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"pretrain: {e}", file=sys.stderr)
         sys.exit(128 + e.signum)
     except (ParamsError, FileNotFoundError) as e:
-        sys.exit(f"pretrain: error: {e}")
+        fail("pretrain", e)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

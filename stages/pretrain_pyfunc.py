@@ -1,8 +1,10 @@
 """The MLflow pyfunc wrapper of a pretrained model: prompt strings in, completions out.
 
-Logged by the `pretrain` stage with two artifacts, `model_dir` (model.safetensors
-+ meta.json) and `tokenizer_dir` (data/tokenizer/), and with `model/` and
-`stages/` as code paths. Load it back and generate:
+Logged by the `pretrain` stage as a model from code (MLflow stores this file and runs
+it to load the model, so the stage never imports it, nor MLflow when tracking is off),
+with two artifacts, `model_dir` (model.safetensors + meta.json) and `tokenizer_dir`
+(data/tokenizer/), and with `model/` and `stages/` as code paths. Load it back and
+generate:
 
     import mlflow
     m = mlflow.pyfunc.load_model("models:/pcgpt-baseline@latest")
@@ -15,7 +17,9 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
+
 import mlflow.pyfunc
+from mlflow.models import set_model
 
 # predict() has no type hints on purpose (the signature below validates instead), so
 # MLflow's suggestion to add them is noise in every stage log.
@@ -71,3 +75,6 @@ class GPTGenerator(mlflow.pyfunc.PythonModel):
                        temperature=float(p["temperature"]), top_k=int(p["top_k"]) or None,
                        generator=gen)
         return [s + tok.decode(o) for s, o in zip(prompts, out)]
+
+
+set_model(GPTGenerator())  # what MLflow loads from this file

@@ -1,8 +1,9 @@
 """Stage `report`: tables, statistics and figures from what the other stages wrote.
 
 Reads (JSON/TSV only, never Markdown; the formats are the stage contract):
-  metrics/pretrain/<run>.json, <run>_curve.tsv, <run>_samples.json, <run>_attention.json
-  metrics/ablate/<variant>-<seed>.json   (the grid from params `ablation.variants` x `ablation.seeds`)
+  metrics/pretrain/<run>.json + <run>_details.json, <run>_curve.tsv, <run>_samples.json,
+  <run>_attention.json
+  metrics/ablate/<variant>-<seed>.json + _details.json (the grid: `ablation.variants` x `ablation.seeds`)
   metrics/download.json, metrics/tokenizer.json, data/tokens/meta.json,
   data/raw/<source>/manifest.json (hashed for provenance when present), params.yaml
 Writes (under `report.out_dir`, default `reports/`):
@@ -13,7 +14,8 @@ Writes (under `report.out_dir`, default `reports/`):
 Run:
   python -m stages.report          (from the repository root; `dvc repro report` does this)
 
-Every input is read and validated before anything is written; a missing or
+The `report` and `tracking` sections and the grid are checked first; every input is
+read and validated before anything is written; a missing or
 malformed file stops the stage with a message naming the file, and the outputs
 are built in a staging folder and moved into place only when all are complete.
 
@@ -38,7 +40,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -46,8 +48,12 @@ from scipy import stats as sps
 
 from pipeline import tracking
 from pipeline.io import sha256_file
-from pipeline.params import PARAMS_FILE, ParamsError, load_section, read_params
+from pipeline.metrics import (CURVE_COLUMNS, DETAILS_SUFFIX, METRICS, details_path, fmt_number,
+                              is_number, read_run_metrics)
+from pipeline.params import PARAMS_FILE, ParamsError, fail, load_section, read_params, validate
 from pipeline.tracking import Tracker
+from stages import report_config
+from stages.report_config import ReportConfig
 from stages import report_figures as figs
 from stages.report_render import (Badge, Block, Bullets, Heading, Note, Para, Samples,
                                   Table, to_html, to_markdown)
@@ -62,109 +68,11 @@ QUESTION_TITLES = {
 ALL_QUESTIONS = ("control",) + QUESTIONS
 
 
-@dataclass(frozen=True)
-class MetricSpec:
-    """How a metric is shown: label, unit, number format, and which direction is better."""
-
-    label: str
-    unit: str
-    fmt: str  # a format spec for float(), e.g. ".3f"
-    better: Literal["lower", "higher"]
-    scale: float = 1.0  # display = value * scale (accuracy as a percentage)
-    short: str = ""  # column header in the ablation tables
-
-    def show(self, value: float) -> str:
-        return fmt_number(value * self.scale, self.fmt)
-
-
-# The metric names are the ones of DESIGN.md §5 / the stage contract.
-METRICS: dict[str, MetricSpec] = {
-    "train/loss": MetricSpec("train loss", "nats/token", ".3f", "lower", short="Train loss"),
-    "val/loss": MetricSpec("val loss", "nats/token", ".3f", "lower", short="Val loss"),
-    "val/ppl": MetricSpec("val perplexity", "", ".2f", "lower", short="Val ppl"),
-    "val/bpb": MetricSpec("val bpb", "bits/byte", ".3f", "lower", short="Val bpb"),
-    "val/acc": MetricSpec("val accuracy", "%", ".1f", "higher", scale=100.0, short="Val acc (%)"),
-    "val/unigram_bpb": MetricSpec("unigram bits per byte (reference line)", "bits/byte", ".3f", "lower",
-                                  short="Unigram bpb"),
-    "perf/tok_per_s": MetricSpec("throughput", "tokens/s", ",.0f", "higher", short="Tokens/s"),
-    "perf/step_ms": MetricSpec("step time", "ms", ".1f", "lower", short="Step (ms)"),
-    "perf/mfu_pct": MetricSpec("MFU", "%", ".2f", "higher", short="MFU (%)"),
-    "mem/peak_gib": MetricSpec("peak memory", "GiB", ".3f", "lower", short="Peak mem (GiB)"),
-    "wall_s": MetricSpec("wall time", "s", ".1f", "lower", short="Wall (s)"),
-    "tokens": MetricSpec("training tokens", "", ",.0f", "higher", short="Tokens"),
-    "n_params": MetricSpec("parameters", "", ",.0f", "lower", short="Params"),
-}
-
-# Keys every metrics file must carry, as numbers (the contract's non-optional part).
-REQUIRED_NUMERIC = ("step", "tokens", "wall_s", "train/loss", "val/loss", "val/ppl", "val/bpb",
-                    "val/acc", "perf/tok_per_s", "perf/step_ms", "mem/peak_gib")
-CURVE_COLUMNS = ("step", "tokens", "wall_s", "train_loss", "val_loss", "lr")
-
-
-
-
 class ReportInputError(ValueError):
     """An input file of the report is missing or malformed (the message names the file)."""
 
 
 # --------------------------------------------------------------------- config
-
-@dataclass
-class ReportInputs:
-    """Where the other stages wrote their files (their paths, repeated as the report's deps)."""
-
-    pretrain: str = "metrics/pretrain"
-    ablate: str = "metrics/ablate"
-    download: str = "metrics/download.json"
-    tokenizer: str = "metrics/tokenizer.json"
-    tokens_meta: str = "data/tokens/meta.json"
-    raw: str = "data/raw"  # <raw>/<source>/manifest.json is hashed for provenance if present
-
-
-@dataclass
-class ReportConfig:
-    """The `report` section of params.yaml."""
-
-    confidence: float = 0.95
-    """Coverage of every interval (t-interval of a mean, Welch interval of a difference)."""
-    reference: str = "pcgpt"
-    """Ablation variant every difference is taken against: the unchanged PC-GPT."""
-    control: str = "bp"
-    """Backprop control variant, shown in every ablation table."""
-    baseline_run: str = "baseline"
-    """Pretrain run of the backprop GPT in the headline table."""
-    pcgpt_run: str = "pcgpt"
-    """Pretrain run of the PC-GPT in the headline table."""
-    metric: str = "val/loss"
-    """The metric the ablation differences, verdicts and bar charts are about."""
-    table_metrics: list[str] = field(default_factory=lambda: ["val/acc", "perf/step_ms"])
-    """Extra columns (mean ± CI) of the ablation tables."""
-    headline_metrics: list[str] = field(default_factory=lambda: [
-        "val/loss", "val/ppl", "val/bpb", "val/acc", "perf/tok_per_s", "mem/peak_gib"])
-    """Rows of the headline table (baseline vs PC-GPT)."""
-    test_time_settle_key: str = "attn_settle"
-    """Override keys containing this mark test-time attention-settling variants (plotted apart from T)."""
-    samples_per_model: int = 3
-    """Generated samples shown per model."""
-    inputs: ReportInputs = field(default_factory=ReportInputs)
-    out_dir: str = "reports"
-
-    def __post_init__(self) -> None:
-        if not 0.5 <= self.confidence < 1.0:
-            raise ValueError(f"confidence: {self.confidence} must be in [0.5, 1)")
-        for key in [self.metric, *self.table_metrics, *self.headline_metrics]:
-            if key not in METRICS:
-                raise ValueError(f"{key!r} is not a known metric (known: {', '.join(METRICS)})")
-        if self.reference == self.control:
-            raise ValueError("reference and control must be different variants")
-        if self.samples_per_model < 0:
-            raise ValueError("samples_per_model must be >= 0")
-
-    @property
-    def required_metrics(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys([*REQUIRED_NUMERIC, self.metric, *self.table_metrics,
-                                    *self.headline_metrics]))
-
 
 @dataclass
 class Grid:
@@ -355,10 +263,6 @@ def read_json(path: Path, what: str, hint: str = "") -> Any:
         raise ReportInputError(f"{path}: not valid JSON ({what}): {e}") from e
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def check_metrics(obj: Any, path: Path, required: tuple[str, ...]) -> dict[str, Any]:
     """Validate one flat metrics dict (pretrain or ablation item) against the contract."""
     if not isinstance(obj, dict):
@@ -366,12 +270,12 @@ def check_metrics(obj: Any, path: Path, required: tuple[str, ...]) -> dict[str, 
     for key in required:
         if key not in obj:
             raise ReportInputError(f"{path}: missing metric {key!r}")
-        if not _is_number(obj[key]):
+        if not is_number(obj[key]):
             raise ReportInputError(f"{path}: metric {key!r} must be a number, got {obj[key]!r}")
     if not isinstance(obj.get("device"), str):
         raise ReportInputError(f"{path}: missing 'device' (a string naming the hardware)")
     for key, v in obj.items():
-        if key.startswith(("pc/", "attn/", "perf/", "mem/", "val/", "train/")) and not _is_number(v):
+        if key.startswith(("pc/", "attn/", "perf/", "mem/", "val/", "train/")) and not is_number(v):
             raise ReportInputError(f"{path}: metric {key!r} must be a number, got {v!r}")
     return obj
 
@@ -409,15 +313,26 @@ def _check_attention(obj: Any, path: Path) -> dict[str, Any]:
             raise ReportInputError(f"{path}: {key!r} missing or not a {tp.__name__}")
     n = len(obj["tokens"])
     w = obj["weights"]
-    if n == 0 or len(w) != n or not all(isinstance(r, list) and len(r) == n and all(map(_is_number, r))
+    if n == 0 or len(w) != n or not all(isinstance(r, list) and len(r) == n and all(map(is_number, r))
                                         for r in w):
         raise ReportInputError(f"{path}: 'weights' must be a {n}x{n} matrix of numbers (one row per token)")
     return obj
 
 
 def _pretrain_runs(folder: Path) -> list[str]:
-    suffixes = ("_samples", "_attention")
+    suffixes = ("_samples", "_attention", DETAILS_SUFFIX)
     return sorted(p.stem for p in folder.glob("*.json") if not p.stem.endswith(suffixes))
+
+
+def read_run(path: Path, what: str, required: tuple[str, ...]) -> dict[str, Any]:
+    """One run's metrics (`<name>.json` + `<name>_details.json`, see pipeline/metrics.py), validated."""
+    if not path.is_file():
+        raise ReportInputError(f"{path}: missing ({what})")
+    try:
+        m = read_run_metrics(path)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ReportInputError(f"{path}: not valid JSON ({what}, or its {details_path(path).name}): {e}") from e
+    return check_metrics(m, path, required)
 
 
 def load_inputs(cfg: ReportConfig, root: Path, grid: Grid, params_file: Path) -> Inputs:
@@ -433,8 +348,7 @@ def load_inputs(cfg: ReportConfig, root: Path, grid: Grid, params_file: Path) ->
         if run not in runs:
             raise ReportInputError(f"{pdir / (run + '.json')}: missing (pretrain metrics of run {run!r}, "
                                    f"report.{'baseline_run' if run == cfg.baseline_run else 'pcgpt_run'})")
-    pretrain = {r: check_metrics(read_json(pdir / f"{r}.json", "pretrain metrics"), pdir / f"{r}.json", required)
-                for r in runs}
+    pretrain = {r: read_run(pdir / f"{r}.json", "pretrain metrics", required) for r in runs}
     curves, samples, attention = {}, {}, {}
     for r in runs:
         if (p := pdir / f"{r}_curve.tsv").is_file():
@@ -447,7 +361,7 @@ def load_inputs(cfg: ReportConfig, root: Path, grid: Grid, params_file: Path) ->
     adir = root / ins.ablate
     if not adir.is_dir():
         raise ReportInputError(f"{adir}: missing (ablation metrics folder); run `dvc repro ablate` first")
-    present = {p.name: p for p in sorted(adir.glob("*.json"))}
+    present = {p.name: p for p in sorted(adir.glob("*.json")) if not p.stem.endswith(DETAILS_SUFFIX)}
     if grid.variants is not None and grid.seeds is not None:
         expected = [f"{v}-{s}.json" for v in grid.variants for s in grid.seeds]
         for name in expected:
@@ -465,7 +379,7 @@ def load_inputs(cfg: ReportConfig, root: Path, grid: Grid, params_file: Path) ->
                      f"every file in {ins.ablate} is reported.")
     ablate = []
     for p in files:
-        m = check_metrics(read_json(p, "ablation metrics"), p, required)
+        m = read_run(p, "ablation metrics", required)
         for key, tp in (("variant", str), ("question", str), ("description", str), ("override", dict)):
             if not isinstance(m.get(key), tp):
                 raise ReportInputError(f"{p}: {key!r} missing or not a {tp.__name__}")
@@ -486,7 +400,7 @@ def load_inputs(cfg: ReportConfig, root: Path, grid: Grid, params_file: Path) ->
             raise ReportInputError(f"{root / rel}: expected a JSON object, got {type(obj).__name__}")
     for key in ("wall_s",):
         for obj, rel in ((download, ins.download), (tokenizer, ins.tokenizer)):
-            if not _is_number(obj.get(key)):
+            if not is_number(obj.get(key)):
                 raise ReportInputError(f"{root / rel}: {key!r} missing or not a number")
 
     manifest = None
@@ -534,7 +448,7 @@ def results_table(inputs: Inputs) -> pd.DataFrame:
 
 def _metric_items(m: dict[str, Any]) -> dict[str, float]:
     skip = {"run", "variant", "seed", "question", "description", "override", "device"}
-    return {k: float(v) for k, v in m.items() if k not in skip and _is_number(v)}
+    return {k: float(v) for k, v in m.items() if k not in skip and is_number(v)}
 
 
 # ------------------------------------------------------------------ provenance
@@ -582,13 +496,6 @@ def stage_wall_clock(inputs: Inputs) -> list[tuple[str, float]]:
 
 
 # -------------------------------------------------------------------- document
-
-def fmt_number(v: float, spec: str) -> str:
-    """Format with a true minus sign (U+2212) so signed columns line up."""
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "n/a" if v is None or math.isnan(v) else ("∞" if v > 0 else "−∞")
-    return format(v, spec).replace("-", "−")
-
 
 def fmt_mean_ci(s: MeanCI | None, metric: str) -> str:
     if s is None or not math.isfinite(s.mean):
@@ -697,7 +604,7 @@ def settling_figure(summ: dict[str, VariantSummary], cfg: ReportConfig, fig_dir:
         if s.question != "settling" and s.variant != cfg.reference:
             continue
         tt = [v for k, v in s.override.items() if cfg.test_time_settle_key in k]
-        if tt and _is_number(tt[0]):
+        if tt and is_number(tt[0]):
             test.append(point(s, float(tt[0])))
         elif "pc/settle_steps" in s.stats:
             train.append(point(s, s.stats["pc/settle_steps"].mean))
@@ -866,6 +773,7 @@ def prepare(root: Path = Path("."), params_file: Path | None = None
     """Load the `report` params and read + validate every input (nothing is written)."""
     params_file = params_file or root / PARAMS_FILE
     params = read_params(params_file)
+    validate(params, [report_config.check_params, grid_from_params, tracking.check_params])
     cfg = load_section(ReportConfig, "report", params_file, params=params)
     grid = grid_from_params(params)
     return cfg, load_inputs(cfg, root, grid, params_file), params
@@ -885,8 +793,7 @@ def main() -> int:
         cfg, inputs, params = prepare(root)
         track_cfg = load_section(tracking.TrackingConfig, "tracking", params=params)
     except (ReportInputError, ParamsError) as e:
-        print(f"report: error: {e}", file=sys.stderr)
-        return 1
+        fail("report", e)
     manifest = root / inputs.manifest[0] if inputs.manifest else None
     with tracking.stage_run("report", params=cfg, config=track_cfg, manifest=manifest) as tracker:
         paths = write_report(inputs, cfg, root)

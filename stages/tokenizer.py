@@ -1,7 +1,8 @@
 """Stage `tokenizer`: train a tokenizer on the training split and write token shards.
 
 Reads:  data/raw/<data.source>/docs.parquet; params.yaml `data.source`,
-        `data.raw_dir`, `data.val_fraction` and the `tokenizer` section.
+        `data.raw_dir`, `data.val_fraction` and the `tokenizer` section (the `data`,
+        `tokenizer` and `tracking` sections are checked whole before any work).
 Writes: data/tokenizer/tokenizer.json   the tokenizer, self-contained (below)
         data/tokenizer/meta.json        what it was trained on, its sha256
         data/tokens/train.bin, val.bin  flat token ids, uint16 (uint32 past 65,536
@@ -42,14 +43,15 @@ from typing import Iterable, Iterator, Literal
 
 import numpy as np
 import pyarrow.parquet as pq
-import rustbpe
 import tiktoken
 from tqdm import tqdm
 
 from pipeline.io import sha256_file, write_json
-from pipeline.params import ParamsError, load_section, read_params
+from pipeline.params import ParamsError, fail, load_section, read_params, validate
+from stages import data_config
 from stages.data_config import DataConfig
 
+SECTIONS = ("tokenizer",)
 SPECIALS = ("<|bos|>", "<|eos|>", "<|pad|>")
 SPLIT_PATTERNS = {
     # GPT-4's cl100k_base pattern (tiktoken).
@@ -170,6 +172,8 @@ Tokenizer = BpeTokenizer | CharTokenizer
 
 def train_bpe(texts: Iterable[str], vocab_size: int, pattern: str, name: str) -> BpeTokenizer:
     """A rustbpe byte-level BPE of `vocab_size - 3` ids + the specials, as tiktoken."""
+    import rustbpe  # here, not at the top: a char-tokenizer run never needs it
+
     trainer = rustbpe.Tokenizer()
     trainer.train_from_iterator(iter(texts), vocab_size - len(SPECIALS), pattern=pattern)
     ranks = {bytes(b): r for b, r in trainer.get_mergeable_ranks()}
@@ -365,19 +369,20 @@ def run(cfg: TokenizerStage, seed: int, progress: bool = True) -> dict:
     return metrics
 
 
-def load_config(params_path: str = "params.yaml") -> TokenizerStage:
-    params = read_params(params_path)
-    return TokenizerStage(data=load_section(DataConfig, "data", params=params),
-                          tokenizer=load_section(TokenizerConfig, "tokenizer", params=params))
+def check_params(params: dict) -> TokenizerConfig:
+    """The `tokenizer` section (pipeline.params.check_file, and the stages that read it)."""
+    return load_section(TokenizerConfig, "tokenizer", params=params)
 
 
 def main() -> None:
     from pipeline import tracking
 
     try:
-        cfg = load_config()
-        seed = read_params().get("seed", 0)
-        tcfg = load_section(tracking.TrackingConfig, "tracking")
+        params = read_params()
+        validate(params, [data_config.check_params, check_params, tracking.check_params])
+        cfg = TokenizerStage(data=data_config.check_params(params), tokenizer=check_params(params))
+        seed = params.get("seed", 0)
+        tcfg = load_section(tracking.TrackingConfig, "tracking", params=params)
         manifest = Path(cfg.data.raw_dir) / cfg.data.source / "manifest.json"
         with tracking.stage_run("tokenizer", params=cfg, config=tcfg,
                                 manifest=manifest if manifest.exists() else None) as tracker:
@@ -388,7 +393,7 @@ def main() -> None:
                 tracker.log_artifact(Path(cfg.tokenizer.dir) / name, artifact_path="tokenizer")
             tracker.log_artifact(Path(cfg.tokenizer.tokens_dir) / "meta.json", artifact_path="tokens")
     except (ParamsError, TokenizerError) as e:
-        sys.exit(f"tokenizer: error: {e}")
+        fail("tokenizer", e)
     print(f"tokenizer: {metrics['kind']} vocab {metrics['vocab_size']}, "
           f"{metrics['train_tokens']:,} train / {metrics['val_tokens']:,} val tokens, "
           f"{metrics['bytes_per_token_val']:.2f} bytes/token on val, "

@@ -359,8 +359,6 @@ def test_diagnostics_are_detached_tensors_with_metric_names():
 
 def test_diagnostics_carry_attention_precision_per_head():
     model = make("pc", settle_steps=1, kernel="gaussian", attn_precision="head")
-    if not callable(getattr(model.blocks[0].attn, "precision", None)):
-        pytest.skip("model/attention.py has no precision() yet")
     _, diag = model.training_step(*batch())
     lam = model.blocks[1].attn.precision().detach().flatten()
     assert [diag[f"attn/precision/1/{h}"].item() for h in range(2)] == pytest.approx(lam.tolist())

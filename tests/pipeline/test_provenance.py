@@ -60,6 +60,7 @@ def dvc_repo(tmp_path: Path) -> Path:
     return repo
 
 
+@pytest.mark.slow
 def test_lock_entries_by_dvc_address(dvc_repo):
     entry = provenance.lock_entry("gen@b", dvc_repo)
     assert entry is not None and "out_b.txt" in entry["cmd"]
@@ -75,6 +76,7 @@ def test_lock_entries_by_dvc_address(dvc_repo):
         {"gen": {"n": 2, "names": ["p", "q"]}})}
 
 
+@pytest.mark.slow
 def test_workspace_hashes_equal_what_dvc_lock_records(dvc_repo, monkeypatch):
     """The hashes DVC computes now are the ones it writes to dvc.lock: the reason the
     tracker can tag them while a stage runs, before DVC writes the lock."""

@@ -3,11 +3,11 @@ git+DVC copy, then the MLflow SQLite store read back through MLflow's client."""
 
 from __future__ import annotations
 
-import json
-
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
+
+from pipeline.metrics import read_run_metrics
 
 pytestmark = pytest.mark.slow
 RUNS = ("baseline", "pcgpt")
@@ -28,7 +28,7 @@ def test_repro_trains_both_runs_and_tracks_them_in_mlflow(project):
         assert f"Running stage '{stage}'" in proc.stdout, stage
     p, params = project.path, project.params
     for run in RUNS:
-        m = json.loads((p / f"metrics/pretrain/{run}.json").read_text())
+        m = read_run_metrics(p / f"metrics/pretrain/{run}.json")
         assert m["run"] == run and m["step"] == 20
         assert (p / f"models/{run}/model.safetensors").is_file()
         assert len((p / f"metrics/pretrain/{run}_curve.tsv").read_text().splitlines()) == 3
@@ -59,8 +59,8 @@ def test_repro_trains_both_runs_and_tracks_them_in_mlflow(project):
         assert sorted({h.step for h in history}) == [5, 10, 15, 20]
         assert sorted(h.step for h in client.get_metric_history(child.info.run_id, "val/bpb")) == [10, 20]
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
-        assert {"meta.json", f"{run}.json", f"{run}_curve.tsv", f"{run}_samples.json",
-                f"{run}_attention.json"} <= artifacts, artifacts
+        assert {"meta.json", f"{run}.json", f"{run}_details.json", f"{run}_curve.tsv",
+                f"{run}_samples.json", f"{run}_attention.json"} <= artifacts, artifacts
 
     name = f"{params['tracking']['registered_model']}-baseline"
     mlflow.set_tracking_uri(project.env["MLFLOW_TRACKING_URI"])

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +20,7 @@ import yaml
 from pipeline.params import ParamsError, build
 from stages import tokenizer as T
 from stages.data_config import DataConfig
-from tests.conftest import ROOT, SHARED_DATA
+from tests.conftest import ROOT, SHAKESPEARE
 from tests.stages.test_download import run_main
 
 
@@ -40,8 +43,8 @@ def write_docs(raw_dir: Path, source: str, docs: list[tuple[str, str]]) -> None:
 
 @pytest.fixture(scope="module")
 def speeches() -> list[tuple[str, str]]:
-    """~200 KB of tinyshakespeare as 40 documents."""
-    text = (SHARED_DATA / "tinyshakespeare.txt").read_text()[:200_000]
+    """~200 KB of Shakespeare (tests/data) as 40 documents."""
+    text = SHAKESPEARE.read_text()
     parts = text.split("\n\n")
     k = len(parts) // 40
     return [(f"part{i:02d}", "\n\n".join(parts[i * k:(i + 1) * k])) for i in range(40)]
@@ -183,11 +186,29 @@ def test_bad_tokenizer_params(tmp_path):
         build(T.TokenizerConfig, {"vocab_sise": 100}, "tokenizer")
     with pytest.raises(ParamsError, match="tokenizer.kind: 'wordpiece' is not allowed"):
         build(T.TokenizerConfig, {"kind": "wordpiece"}, "tokenizer")
-    with pytest.raises(ParamsError, match=r"tokenizer: vocab_size: must be in \[259"):
+    with pytest.raises(ParamsError, match=r"tokenizer.vocab_size: must be in \[259"):
         build(T.TokenizerConfig, {"vocab_size": 100}, "tokenizer")
-    # through the real entry point: one line, nothing written
+
+
+@pytest.mark.slow
+def test_bad_tokenizer_params_through_the_entry_point(tmp_path):
+    """One line, nothing written."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["tokenizer"]["vocab_size"] = "2048"
     proc = run_main(tmp_path, params, module="stages.tokenizer")
     assert proc.returncode != 0 and "tokenizer.vocab_size: expected an integer" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+@pytest.mark.slow
+def test_char_stage_never_imports_rustbpe(tmp_path, speeches):
+    write_docs(tmp_path / "data/raw", "corpus", speeches[:6])
+    params = {"data": {"source": "corpus", "catalog": {"corpus": {"kind": "local", "path": "unused"}}},
+              "tokenizer": {"kind": "char"}, "tracking": {"enabled": False}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    code = ("import sys\nfrom stages.tokenizer import main\nmain()\n"
+            "assert 'rustbpe' not in sys.modules\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "data/tokens/meta.json").read_text())["kind"] == "char"
