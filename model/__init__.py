@@ -4,8 +4,9 @@ from .attention import CausalSelfAttention, KernelParams, attention, reference_a
 from .config import AttentionConfig, GPTConfig, PCConfig
 from .generate import KVCache, decode_step, generate, prefill, sample
 from .gpt import GPT
+from .pc import PCGPT, build_model
 from .utils import PEAK_FLOPS, count_params, flops_per_token, make_optimizer, mfu
 
-__all__ = ["AttentionConfig", "GPTConfig", "PCConfig", "GPT", "CausalSelfAttention", "KernelParams",
+__all__ = ["AttentionConfig", "GPTConfig", "PCConfig", "GPT", "PCGPT", "build_model", "CausalSelfAttention", "KernelParams",
            "attention", "reference_attention", "KVCache", "sample", "prefill", "decode_step", "generate",
            "PEAK_FLOPS", "count_params", "flops_per_token", "mfu", "make_optimizer"]

@@ -525,15 +525,21 @@ class CausalSelfAttention(nn.Module):
         return KernelParams(a.kernel, lam, nu, self._log_mix(), a.laplace_eps, fixed_scale)
 
     # -- forward ----------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv_cache=None, layer_idx: int = 0) -> torch.Tensor:
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (B, H, T, D), k and v (B, Hkv, T, D) of attention input x (B, T, C), RoPE applied."""
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, H, T, D)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         if self.config.attention.qk_norm:
             q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv_cache=None, layer_idx: int = 0) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.project(x, cos, sin)
         mask = None
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, k, v)  # all keys/values so far: (B, Hkv, S, D)

@@ -162,7 +162,8 @@ class GPTConfig:
     """A GPT: the modern baseline plus the precision-weighted / PC options."""
 
     vocab_size: int = 50304
-    """Tokens in the vocabulary (pad to a multiple of 64 for fast matmuls on GPU)."""
+    """Tokens in the vocabulary: the ids the model reads and the logits it returns (the
+    lm_head itself is padded to `padded_vocab_size` rows)."""
     block_size: int = 256
     """Context length: RoPE tables and the KV cache are sized for it."""
     n_layer: int = 6
@@ -211,6 +212,12 @@ class GPTConfig:
         _positive("logit_softcap", self.logit_softcap, allow_zero=True)
         _positive("norm_eps", self.norm_eps)
         _positive("init_std", self.init_std)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """lm_head rows: vocab_size rounded up to a multiple of 128, so the largest matmul
+        has whole tensor-core tiles (the padding logits are dropped in GPT.head)."""
+        return -(-self.vocab_size // 128) * 128
 
     @property
     def head_dim(self) -> int:

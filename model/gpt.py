@@ -1,7 +1,8 @@
 """The GPT: token embedding -> n_layer pre-norm blocks -> final norm -> untied head.
 
-Read top to bottom: MLP, Block, GPT. The attention lives in attention.py, the
-predictive-coding energy and algorithms in pc.py, generation in generate.py.
+Read top to bottom: MLP, Block, GPT. The attention lives in attention.py, generation
+in generate.py. This is the backprop baseline: the PC-GPT (`PCGPT` in pc.py) subclasses
+it, and `model.build_model(config)` picks the class from `config.pc.algorithm`.
 """
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import pc
-from .attention import CausalSelfAttention, rotary_tables
+from .attention import CausalSelfAttention, reference_attention, rotary_tables
 from .config import GPTConfig
 
 
@@ -59,15 +59,16 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
+        if config.pc.algorithm != "bp" and type(self) is GPT:
+            raise ValueError(f"pc.algorithm={config.pc.algorithm!r}: GPT is the backprop baseline; "
+                             "build a PC model with model.build_model(config) (or model.pc.PCGPT)")
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm_f = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # The PC energy's precision / ν exist only for the PC algorithms, so `bp` has exactly the
-        # baseline's parameters; they are 1-D with a deterministic init, so they draw nothing from
-        # the RNG and a PC model's weights equal the baseline's for the same seed.
-        self.pc_energy = pc.PCEnergy(config) if config.pc.algorithm != "bp" else None
+        # Rows padded to a multiple of 128 (config.padded_vocab_size): tensor-core tiles of the
+        # largest matmul stay whole; head() returns only the vocab_size real logits.
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         cos, sin = rotary_tables(config.block_size, config.head_dim, config.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, D/2)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -83,10 +84,12 @@ class GPT(nn.Module):
           N(0, init_std/√(2·n_layer)), so the residual stream's variance does not
           grow with depth (GPT-2 §2.3); not zero, so every weight has a gradient
           at step 0 (the PC-vs-backprop gradient tests need that);
-        - lm_head: N(0, init_std) (untied from the embedding);
+        - lm_head: N(0, init_std) (untied from the embedding; padding rows too: they
+          never reach a softmax, so they get no gradient);
         - RMSNorm gains: 1;
-        - attention precision / ν and PC precision parameters: their modules'
-          own `reset_parameters()` (documented there).
+        - attention precision / ν parameters (and PCGPT's PC precisions): their
+          modules' own `reset_parameters()` (documented there), which draw nothing
+          from the RNG.
         """
         std = self.config.init_std
         proj_std = std / math.sqrt(2 * self.config.n_layer)
@@ -121,22 +124,37 @@ class GPT(nn.Module):
         return self.wte(idx)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits from the top of the residual stream x_L: final norm, lm_head, optional softcap."""
+        """Logits (B, T, vocab_size) from the top of the residual stream x_L: final norm,
+        lm_head, optional softcap."""
         logits = self.lm_head(self.norm_f(x))
+        if logits.size(-1) != self.config.vocab_size:
+            logits = logits[..., :self.config.vocab_size]  # drop the padding rows' logits
         cap = self.config.logit_softcap
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-        """Mean cross-entropy over targets that are not `ignore_index` (computed in fp32, or wider)."""
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0,
+             reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy over targets that are not `ignore_index`, accumulated in fp32 (or
+        wider): the mean, or with reduction="none" one value per target (0 where ignored)."""
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1),
-                               ignore_index=self.config.ignore_index, label_smoothing=label_smoothing)
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=self.config.ignore_index, label_smoothing=label_smoothing,
+                               reduction=reduction)
+        return loss if reduction == "mean" else loss.view(targets.shape)
+
+    def head_loss(self, x: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0,
+                  reduction: str = "mean") -> torch.Tensor:
+        """loss(head(x)): one function, so compile() fuses the logits into the loss."""
+        return self.loss(self.head(x), targets, label_smoothing, reduction)
 
     # -- the model -------------------------------------------------------------
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                kv_cache=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache=None, *,
+                label_smoothing: float = 0.0, return_logits: bool = True
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx (B, T) -> (logits (B, T, V), loss or None). With a KV cache (generate.py),
-        each row's positions continue from that row's own position in the cache."""
+        each row's positions continue from that row's own position in the cache.
+        `return_logits=False` (training) returns (None, loss): the logits then never
+        leave a compiled forward, so they need not be kept for the caller."""
         if kv_cache is None:
             cos, sin = self.rotary(idx.size(1))
         else:
@@ -147,12 +165,35 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(idx.size(1))
         logits = self.head(x)
-        return logits, (None if targets is None else self.loss(logits, targets))
+        loss = None if targets is None else self.loss(logits, targets, label_smoothing)
+        return (logits if return_logits else None), loss
+
+    @torch.no_grad()
+    def attention_probs(self, idx: torch.Tensor, layer: int = 0) -> torch.Tensor:
+        """Attention probabilities (B, H, T, T) of block `layer` on idx (B, T), for any kernel.
+
+        The blocks below run as in forward(); block `layer`'s own queries and keys are then
+        scored by the exact O(T²) reference with the identity as values, so the output
+        Σ_j p_ij v_j is the probability row p_i itself."""
+        if not 0 <= layer < len(self.blocks):
+            raise ValueError(f"layer={layer}: the model has {len(self.blocks)} blocks")
+        cos, sin = self.rotary(idx.size(1))
+        x = self.embed(idx)
+        for block in self.blocks[:layer]:
+            x = block(x, cos, sin)
+        attn = self.blocks[layer].attn
+        h = self.blocks[layer].norm_1(x)
+        q, k, _ = attn.project(h, cos, sin)                                # (B, H, T, D), (B, Hkv, T, D)
+        p = attn.kernel_params(h)
+        T = idx.size(1)
+        eye = torch.eye(T, dtype=q.dtype, device=q.device).expand(k.shape[0], k.shape[1], T, T)
+        return reference_attention(attn.settle(q, k, p), k, eye.contiguous(), p).float()
 
     def training_step(self, idx: torch.Tensor, targets: torch.Tensor, *, grad_scale: float = 1.0,
                       label_smoothing: float = 0.0, optimizer=None
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """One micro-step's gradients for whatever `config.pc.algorithm` says.
+        """One micro-step's gradients for whatever `config.pc.algorithm` says (PCGPT
+        overrides this for the PC algorithms; here it is backprop).
 
         What the caller can rely on, for every algorithm:
         - grad_scale × ∂(objective) is *added* to `.grad` of every trainable
@@ -164,7 +205,8 @@ class GPT(nn.Module):
           pass on this batch (the model's prediction without a target, the same
           quantity for every algorithm), measured before any weight change;
         - diagnostics is a dict of detached tensors keyed by metric name
-          (empty for `bp`; model/pc.py lists the PC keys);
+          (empty for `bp`; model/pc.py lists the PC keys), all on the model's
+          device, so that a step never waits for the host (CUDA graphs);
         - `optimizer` is used by `ipc` only (required there when
           pc.settle_steps > 0): it takes T inner `optimizer.step()`s on this
           batch's own gradients (grad_scale × ..., not clipped, learning-rate
@@ -176,11 +218,7 @@ class GPT(nn.Module):
         The training loop calls only this, then clips and steps its optimizer,
         never branching on the algorithm.
         """
-        if self.config.pc.algorithm != "bp":
-            return pc.training_step(self, idx, targets, grad_scale=grad_scale,
-                                    label_smoothing=label_smoothing, optimizer=optimizer)
-        logits, _ = self(idx)
-        loss = self.loss(logits, targets, label_smoothing)
+        _, loss = self(idx, targets, label_smoothing=label_smoothing, return_logits=False)
         (loss * grad_scale).backward()
         return loss.detach(), {}
 

@@ -102,7 +102,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -110,17 +109,15 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import GPTConfig
-
-if TYPE_CHECKING:
-    from .gpt import GPT
+from .gpt import GPT
 
 
 class PCEnergy(nn.Module):
     """The inter-layer error energy's parameters (precision, ν) and its density.
 
-    Parameters are 1-D so `GPT.init_weights` (which draws every 2-D weight from
-    the RNG) leaves them to `reset_parameters()`, which uses no randomness: a
-    PC model's blocks get exactly the weights a `bp` model of the same seed gets.
+    Parameters are 1-D with a deterministic `reset_parameters()` that draws nothing
+    from the RNG: a PC model's blocks get exactly the weights a `bp` model of the
+    same seed gets.
     """
 
     def __init__(self, config: GPTConfig):
@@ -196,7 +193,7 @@ class PCEnergy(nn.Module):
 class _Batch:
     """A batch and the pieces of the energy that depend on the model."""
 
-    def __init__(self, model: "GPT", idx: torch.Tensor, targets: torch.Tensor, label_smoothing: float):
+    def __init__(self, model: GPT, idx: torch.Tensor, targets: torch.Tensor, label_smoothing: float):
         self.model, self.idx, self.targets, self.label_smoothing = model, idx, targets, label_smoothing
         self.pc = model.config.pc
         self.energy: PCEnergy = model.pc_energy
@@ -317,7 +314,7 @@ def _stop_early(pc, residual: torch.Tensor) -> bool:
 
 
 # ---------------------------------------------------------------------------- settling
-def settle(model: "GPT", idx: torch.Tensor, targets: torch.Tensor, *, label_smoothing: float = 0.0,
+def settle(model: GPT, idx: torch.Tensor, targets: torch.Tensor, *, label_smoothing: float = 0.0,
            steps: int | None = None, trace: bool = False) -> Settled:
     """Settle the value nodes of one batch with the output clamped to `targets`.
 
@@ -420,7 +417,7 @@ def _settle_fixed(batch: _Batch, T: int, trace: bool) -> Settled:
 
 
 # ---------------------------------------------------------------------------- gradients
-def _trainable(model: "GPT") -> list[torch.nn.Parameter]:
+def _trainable(model: GPT) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
@@ -475,7 +472,7 @@ def _local_gradients_fixed(batch: _Batch, settled: Settled, params, grad_scale: 
 
 
 # ---------------------------------------------------------------------------- algorithms
-def training_step(model: "GPT", idx: torch.Tensor, targets: torch.Tensor, *, grad_scale: float = 1.0,
+def training_step(model: PCGPT, idx: torch.Tensor, targets: torch.Tensor, *, grad_scale: float = 1.0,
                   label_smoothing: float = 0.0, optimizer: torch.optim.Optimizer | None = None
                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """`settle`, `pc` or `ipc` for one micro-batch (see GPT.training_step for the contract)."""
@@ -486,7 +483,8 @@ def training_step(model: "GPT", idx: torch.Tensor, targets: torch.Tensor, *, gra
         logits, _ = model(idx)  # T = 0 is backprop (module docstring)
         loss = model.loss(logits, targets, label_smoothing)
         (loss * grad_scale).backward()
-        return loss.detach(), {"pc/settle_steps": torch.tensor(0), **_precision_diagnostics(model)}
+        return loss.detach(), {"pc/settle_steps": torch.zeros((), device=loss.device),
+                               **_precision_diagnostics(model)}
     step = {"pc": _pc_step, "settle": _settle_step, "ipc": _ipc_step}[pc.algorithm]
     return step(model, idx, targets, grad_scale, label_smoothing, optimizer)
 
@@ -621,14 +619,15 @@ def _ipc_step(model, idx, targets, grad_scale, label_smoothing, optimizer):
 
 # ---------------------------------------------------------------------------- diagnostics
 @torch.no_grad()
-def _precision_diagnostics(model: "GPT") -> dict[str, torch.Tensor]:
+def _precision_diagnostics(model: GPT) -> dict[str, torch.Tensor]:
     out = {}
     energy = getattr(model, "pc_energy", None)
     if energy is not None:
         lp = energy.log_precision()
         nu = energy.nu()
         for l in range(energy.n_layer):
-            out[f"pc/precision/{l}"] = torch.ones(()) if lp is None else lp[l].exp().mean().detach().float()
+            out[f"pc/precision/{l}"] = (torch.ones((), device=model.lm_head.weight.device) if lp is None
+                                        else lp[l].exp().mean().detach().float())
             if nu is not None:
                 out[f"pc/nu/{l}"] = nu[l].detach().float()
     for l, block in enumerate(model.blocks):
@@ -657,6 +656,37 @@ def _diagnostics(model, batch: _Batch, before: torch.Tensor, ev: _Evaluation,
     out["pc/energy_before/out"], out["pc/energy_after/out"] = before[L], after[L]
     out["pc/energy_before"], out["pc/energy_after"] = before.sum(), after.sum()
     out["pc/settle_residual"] = batch.residual(state_grads)
-    out["pc/settle_steps"] = torch.tensor(steps)
+    out["pc/settle_steps"] = torch.full((), float(steps), device=out["pc/settle_residual"].device)
     out.update(_precision_diagnostics(model))
     return out
+
+
+# ---------------------------------------------------------------------------- the model
+class PCGPT(GPT):
+    """The GPT trained by predictive coding: the baseline's blocks, plus the inter-layer
+    error energy's precision / ν (`pc_energy`), and `training_step` running the PC
+    algorithm of `config.pc.algorithm` (`settle`, `pc` or `ipc`). Predicting is the
+    baseline's forward pass (module docstring: inference needs no latent settling), so
+    forward, generation and evaluation are inherited unchanged."""
+
+    def __init__(self, config: GPTConfig):
+        if config.pc.algorithm == "bp":
+            raise ValueError("pc.algorithm='bp' is the baseline: build it with model.build_model(config) or GPT")
+        super().__init__(config)
+        # Created after GPT.init_weights and drawing nothing from the RNG (PCEnergy's
+        # reset_parameters), so a PC model's weights equal the baseline's for the same seed.
+        self.pc_energy = PCEnergy(config)
+
+    def training_step(self, idx: torch.Tensor, targets: torch.Tensor, *, grad_scale: float = 1.0,
+                      label_smoothing: float = 0.0, optimizer: torch.optim.Optimizer | None = None
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The PC algorithm's gradients for one micro-batch (the contract: GPT.training_step)."""
+        return training_step(self, idx, targets, grad_scale=grad_scale, label_smoothing=label_smoothing,
+                             optimizer=optimizer)
+
+
+def build_model(config: GPTConfig) -> GPT:
+    """The model `config` describes: the backprop baseline `GPT` for pc.algorithm='bp',
+    the predictive-coding `PCGPT` otherwise."""
+    return GPT(config) if config.pc.algorithm == "bp" else PCGPT(config)
+

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from .config import GPTConfig
+from .config import GPTConfig, PCConfig
 from .gpt import GPT
 
 PEAK_FLOPS = {"h100": 989e12, "h200": 989e12}
@@ -58,9 +59,9 @@ def flops_per_token(config: GPTConfig, seq_len: int | None = None) -> float:
     """Training FLOPs per token, PaLM appendix B: 6N + attention, where N counts every
     non-embedding parameter (lm_head included: it is a matmul) and the attention term
     is `attention_flops_per_token` (12·L·H·D·T for `dot`). N is counted on a
-    meta-device model, so no memory is allocated."""
+    meta-device baseline (the PC precisions are no matmuls), so no memory is allocated."""
     with torch.device("meta"):
-        n = count_params(GPT(config), exclude_embedding=True)
+        n = count_params(GPT(dataclasses.replace(config, pc=PCConfig())), exclude_embedding=True)
     return 6.0 * n + attention_flops_per_token(config, seq_len)
 
 

@@ -150,7 +150,7 @@ def evaluate_with(model_dir: Path, tokens_dir: Path, cfg, eval_override: EvalOve
     from safetensors.torch import load_file
 
     from model.config import GPTConfig
-    from model.gpt import GPT
+    from model.pc import build_model
     from stages.pretrain import Runtime, evaluate
     from stages.pretrain_data import load_shards, val_batches
 
@@ -158,7 +158,7 @@ def evaluate_with(model_dir: Path, tokens_dir: Path, cfg, eval_override: EvalOve
     mcfg = meta["model"]
     if eval_override.attn_settle_steps is not None:
         mcfg = deep_merge(mcfg, {"attention": {"settle_steps": eval_override.attn_settle_steps}})
-    model = GPT(GPTConfig(**mcfg))
+    model = build_model(GPTConfig(**mcfg))
     model.load_state_dict(load_file(str(model_dir / "model.safetensors")))
     shards = load_shards(tokens_dir, model.config.block_size)
     t = cfg.train

@@ -73,6 +73,7 @@ import torch
 import torch.distributed as dist
 
 from model.gpt import GPT
+from model.pc import build_model
 from model.utils import PEAK_FLOPS, flops_per_token, make_optimizer, mfu
 from pipeline.io import atomic_path, write_json, write_text
 from pipeline.metrics import CURVE_COLUMNS, details_path, is_number, write_run_metrics
@@ -398,7 +399,7 @@ def train(cfg: PretrainConfig, run: str, paths: RunPaths, tracker=None, *,
         tokenizer = load_tokenizer(paths.tokenizer_dir)
 
     torch.manual_seed(cfg.seed)
-    model = GPT(gcfg).to(rt.device)
+    model = build_model(gcfg).to(rt.device)
     optimizer = make_optimizer(model, kind=t.optimizer, lr=t.lr, weight_decay=t.weight_decay,
                                betas=(t.beta1, t.beta2))
     chash = config_hash(cfg)

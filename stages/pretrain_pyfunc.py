@@ -44,12 +44,12 @@ class GPTGenerator(mlflow.pyfunc.PythonModel):
         from safetensors.torch import load_file
 
         from model.config import GPTConfig
-        from model.gpt import GPT
+        from model.pc import build_model
         from stages.tokenizer import load_tokenizer
 
         model_dir = Path(context.artifacts["model_dir"])
         meta = json.loads((model_dir / "meta.json").read_text(encoding="utf-8"))
-        self.model = GPT(GPTConfig(**meta["model"]))
+        self.model = build_model(GPTConfig(**meta["model"]))
         self.model.load_state_dict(load_file(str(model_dir / "model.safetensors")))
         self.model.eval()
         self.tokenizer = load_tokenizer(context.artifacts["tokenizer_dir"])

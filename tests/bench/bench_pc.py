@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from model import GPT, GPTConfig  # noqa: E402
+from model import GPTConfig, build_model  # noqa: E402
 
 
 class SavedTensorPeak:
@@ -87,7 +87,7 @@ def make_model(args, algorithm: str, T: int, device: torch.device) -> GPT:
     cfg = GPTConfig(vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
                     n_head=n_head, n_embd=args.n_embd, pc=pc)
     torch.manual_seed(0)
-    return GPT(cfg).to(device)
+    return build_model(cfg).to(device)
 
 
 class Case:

@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from model.gpt import GPT  # noqa: E402
+from model.pc import build_model  # noqa: E402
 from model.utils import flops_per_token, make_optimizer, mfu  # noqa: E402
 from pipeline import tracking  # noqa: E402
 from stages.pretrain import PretrainConfig, RunPaths, peak_flops, setup_runtime, train  # noqa: E402
@@ -83,7 +84,7 @@ def model_only(cfg: PretrainConfig, data_dir: Path, args) -> tuple[float, float]
     shards = load_shards(data_dir / "tokens", cfg.model.block_size)
     gcfg = cfg.gpt_config(shards.vocab_size)
     torch.manual_seed(cfg.seed)
-    model = GPT(gcfg).to(rt.device)
+    model = build_model(gcfg).to(rt.device)
     opt = make_optimizer(model, kind=t.optimizer, lr=t.lr, weight_decay=t.weight_decay)
     if rt.device.type == "cuda" and t.compile:
         model.compile()

@@ -83,3 +83,39 @@ def test_init_weights_is_documented_and_deterministic():
     assert attn.nu() == pytest.approx(torch.full((4,), 4.0))
     std = a.blocks[1].attn.c_proj.weight.std().item()
     assert std == pytest.approx(0.02 / 2, rel=0.2)  # init_std / sqrt(2 * n_layer)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_attention_probs_are_the_rows_the_block_attends_with(kernel):
+    """GPT.attention_probs: causal probability rows that, applied to the block's values,
+    give exactly what the block's attention computes (any kernel, attention settling on)."""
+    torch.manual_seed(0)
+    model = GPT(config(kernel, attention=dict(precision="fixed" if kernel == "dot" else "token",
+                                              settle_steps=1)))
+    idx = torch.randint(0, 48, (2, 9))
+    probs = model.attention_probs(idx, layer=1)                      # (B, H, T, T)
+    assert probs.shape == (2, 4, 9, 9)
+    assert torch.allclose(probs.sum(-1), torch.ones(2, 4, 9), atol=1e-5)
+    assert (probs.triu(1) == 0).all()
+    cos, sin = model.rotary(9)
+    with torch.no_grad():
+        h = model.blocks[0](model.embed(idx), cos, sin)
+        attn = model.blocks[1].attn
+        x = model.blocks[1].norm_1(h)
+        _, _, v = attn.project(x, cos, sin)
+        q, k, _ = attn.project(x, cos, sin)
+        y = attn.attend(q, k, v, x)                                    # (B, H, T, D)
+    v = v.repeat_interleave(attn.n_head // attn.n_kv_head, dim=1)
+    assert torch.allclose(probs @ v, y, atol=1e-5)
+    with pytest.raises(ValueError, match="blocks"):
+        model.attention_probs(idx, layer=2)
+
+
+def test_lm_head_is_padded_but_logits_are_the_vocabulary():
+    model = GPT(config())                                              # vocab 48 -> 128 rows
+    assert model.lm_head.weight.shape[0] == 128 and model.config.padded_vocab_size == 128
+    idx = torch.randint(0, 48, (2, 5))
+    logits, loss = model(idx, idx)
+    assert logits.shape == (2, 5, 48) and torch.isfinite(loss)
+    _, loss_only = model(idx, idx, return_logits=False)
+    assert _ is None and torch.equal(loss_only, loss)

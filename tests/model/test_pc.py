@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, PCConfig
+from model import GPT, GPTConfig, PCConfig, build_model
 from model import pc as pcmod
 from model.config import KERNELS, PC_ERRORS
 
@@ -34,7 +34,7 @@ def make(algorithm: str = "bp", *, n_layer: int = 2, n_embd: int = 16, vocab: in
     cfg = GPTConfig(vocab_size=vocab, block_size=block, n_layer=n_layer, n_head=2, n_embd=n_embd,
                     init_std=init_std, attention=dict(kernel=kernel, precision=attn_precision),
                     pc=dict(algorithm=algorithm, **pc))
-    return GPT(cfg).to(dtype)
+    return build_model(cfg).to(dtype)
 
 
 def batch(vocab: int = 11, B: int = 2, T: int = 6, seed: int = 1):
@@ -61,7 +61,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 # ------------------------------------------------------------------ bp stays the baseline
 def test_pc_parameters_do_not_touch_the_baseline():
     bp = make("bp")
-    assert bp.pc_energy is None and not any(n.startswith("pc_energy") for n, _ in bp.named_parameters())
+    assert type(bp) is GPT and not hasattr(bp, "pc_energy")
+    with pytest.raises(ValueError, match="build_model"):
+        GPT(GPTConfig(vocab_size=11, block_size=6, n_layer=2, n_head=2, n_embd=16, pc=dict(algorithm="pc")))
     pc = make("pc", error="student_t", precision="channel")
     theirs = dict(pc.named_parameters())
     for n, p in bp.named_parameters():
