@@ -1,4 +1,4 @@
-"""What the training stages write and the report reads: metric names, units, files.
+"""What the training stages write and the report reads: metric names, units, files, questions.
 
 One run's final metrics are one flat dict (`val/loss`, `perf/tok_per_s`, `pc/...`,
 the names of DESIGN.md §5, the same in MLflow). `write_run_metrics` splits it in two:
@@ -81,6 +81,25 @@ def is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def numeric(d: dict[str, Any]) -> dict[str, float]:
+    """The items of `d` that are metric values (what MLflow and the results table take)."""
+    return {k: v for k, v in d.items() if is_number(v)}
+
+
+# The research questions an ablation variant answers (`ablation.variants.<v>.question`):
+# the report has one table per question, `control` rows (the reference, backprop) in each.
+QUESTIONS = ("control", "precision", "distribution", "pathway", "settling")
+QUESTION_TITLES = {"precision": "Precision weighting", "distribution": "Distributions",
+                   "pathway": "Error propagation pathways", "settling": "Settling"}
+
+
+def diverged_record(run: str, error: str, device: str) -> dict[str, Any]:
+    """The final metrics of a run that stopped on a NaN/inf loss: every required metric NaN
+    (the report shows "not computable", never a number), the error kept as `diverged`."""
+    nan = float("nan")
+    return {"run": run, "diverged": error, "device": device, **{k: nan for k in (*REQUIRED_NUMERIC, *HEADLINE)}}
+
+
 def details_path(metrics_path: str | Path) -> Path:
     """`<dir>/<name>.json` -> `<dir>/<name>_details.json`."""
     p = Path(metrics_path)
@@ -115,4 +134,5 @@ def read_run_metrics(metrics_path: str | Path) -> Any:
 
 
 __all__ = ["HEADLINE", "PC_SUMMARY", "CURVE_COLUMNS", "DETAILS_SUFFIX", "MetricSpec", "METRICS",
-           "REQUIRED_NUMERIC", "fmt_number", "is_number", "details_path", "split", "write_run_metrics", "read_run_metrics"]
+           "REQUIRED_NUMERIC", "QUESTIONS", "QUESTION_TITLES", "fmt_number", "is_number", "numeric",
+           "diverged_record", "details_path", "split", "write_run_metrics", "read_run_metrics"]

@@ -260,8 +260,8 @@ Check = Callable[[dict[str, Any]], object]
 # The modules that own params.yaml's sections: each has `SECTIONS` (the top-level keys it
 # owns) and `check_params(params)`. Named, not imported: the stages import this module, so it
 # imports them only inside the `check` command (a stage's schema lives beside its code).
-SCHEMA_MODULES = ("stages.data_config", "stages.tokenizer", "pipeline.tracking",
-                  "stages.pretrain_config", "stages.ablate", "stages.report_config")
+SCHEMA_MODULES = ("stages.data_config", "pipeline.tracking", "stages.pretrain.config",
+                  "stages.ablate", "stages.report.config")
 
 
 def check_seed(params: dict[str, Any]) -> int:

@@ -85,7 +85,7 @@ turns the first failure into the single warning above. Pass Python numbers or
 detached 0-d tensors; the thread converts the tensors of one batch with one
 copy per device (not one synchronising `.item()` each), but that copy still
 waits for the device's queued work, so a training loop should hand over numbers
-it has already read back (stages/pretrain.py copies its losses asynchronously
+it has already read back (stages/pretrain/progress.py copies its losses asynchronously
 and logs them a log step later). The store's own cost is paid by that thread,
 off the training step but not off the GIL: on a 2-core CPU box MLflow's SQLite
 store spends about 5 ms per request plus 55-100 us per metric (SQLAlchemy).

@@ -18,8 +18,6 @@ empty corpus, bad bytes, unsafe archive) leaves nothing half-written.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -27,7 +25,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.io import sha256_file, write_json
+from pipeline.io import atomic_dir, sha256_file, write_json
+from pipeline.metrics import numeric
 from pipeline.params import ParamsError, check_seed, fail, load_section, read_params, validate
 from stages import data_config
 from stages._fetch import DownloadError
@@ -65,25 +64,17 @@ def build_corpus(cfg: DataConfig, seed: int, progress: bool = True) -> tuple[pa.
 
 
 def write_corpus(out_dir: Path, table: pa.Table, manifest: dict) -> None:
-    """Write docs.parquet + manifest.json into a temp folder, then swap it into `out_dir`."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
-    try:
+    """docs.parquet + manifest.json, as one folder that replaces `out_dir` whole."""
+    with atomic_dir(out_dir) as tmp:
         pq.write_table(table, tmp / "docs.parquet")
         write_json(tmp / "manifest.json", manifest)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 def run(cfg: DataConfig, seed: int, progress: bool = True) -> dict:
     """Fetch, build and write the corpus; write and return the stage metrics."""
     t0 = time.perf_counter()
     table, manifest = build_corpus(cfg, seed, progress)
-    write_corpus(Path(cfg.raw_dir) / cfg.source, table, manifest)
+    write_corpus(cfg.corpus_dir, table, manifest)
     metrics = {
         "source": cfg.source,
         "documents": manifest["documents"],
@@ -102,15 +93,14 @@ def main() -> None:
 
     try:
         params = read_params()
-        validate(params, [check_seed, data_config.check_params, tracking.check_params])
-        cfg, seed = load_section(DataConfig, "data", params=params), check_seed(params)
+        validate(params, [check_seed, data_config.check_data, tracking.check_params])
+        cfg, seed = data_config.check_data(params), check_seed(params)
         tcfg = load_section(tracking.TrackingConfig, "tracking", params=params)
         with tracking.stage_run("download", params=cfg, config=tcfg) as tracker:
             metrics = run(cfg, seed)
-            manifest = Path(cfg.raw_dir) / cfg.source / "manifest.json"
+            manifest = cfg.manifest_path
             tracker.set_tags({"data.manifest_sha256": sha256_file(manifest)})
-            tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))
-                                 and not isinstance(v, bool)}, step=0)
+            tracker.log_metrics(numeric(metrics), step=0)
             tracker.log_artifact(manifest)
     except (ParamsError, DownloadError, CorpusError) as e:
         fail("download", e)

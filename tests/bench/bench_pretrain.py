@@ -43,13 +43,13 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from model.gpt import GPT  # noqa: E402
 from model.pc import build_model  # noqa: E402
 from model.utils import flops_per_token, make_optimizer, mfu  # noqa: E402
 from pipeline import tracking  # noqa: E402
-from stages.pretrain import PretrainConfig, RunPaths, peak_flops, setup_runtime, train  # noqa: E402
-from stages.pretrain_config import merge_config  # noqa: E402
-from stages.pretrain_data import load_shards, train_batch  # noqa: E402
+from stages.pretrain.config import PretrainConfig, RunPaths, merge_config  # noqa: E402
+from stages.pretrain.data import load_shards, train_batch  # noqa: E402
+from stages.pretrain.runtime import peak_flops, setup_runtime  # noqa: E402
+from stages.pretrain.trainer import train  # noqa: E402
 from tests.stages.pretrain_helpers import write_data  # noqa: E402
 
 PRESETS = {

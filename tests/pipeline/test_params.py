@@ -13,7 +13,6 @@ from typing import Literal
 import pytest
 import yaml
 
-from pipeline.io import write_json
 from pipeline.params import ParamsError, build, check_file, flatten, load_section, to_dict
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -75,23 +74,6 @@ def test_load_section_from_file(tmp_path):
         load_section(Outer, "other", p)
     with pytest.raises(ParamsError, match="file not found"):
         load_section(Outer, "sec", tmp_path / "nope.yaml")
-
-
-def test_atomic_write_leaves_no_partial_file(tmp_path):
-    dest = tmp_path / "out.json"
-    write_json(dest, {"a": 1})
-    assert dest.read_text().strip().startswith("{")
-
-    class Boom(Exception):
-        pass
-
-    from pipeline.io import atomic_path
-    with pytest.raises(Boom):
-        with atomic_path(dest) as tmp:
-            tmp.write_text("half")
-            raise Boom
-    assert '"a": 1' in dest.read_text()          # the old file is intact
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]  # no temp left behind
 
 
 # ------------------------------------------------------------------ the whole-file check

@@ -7,6 +7,7 @@ tests/stages/pretrain_helpers.py, on CPU with one thread per process.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -24,10 +25,11 @@ from safetensors.torch import load_file
 
 from pipeline.metrics import HEADLINE, read_run_metrics
 from pipeline.params import ParamsError, read_params
-from stages import pretrain_ckpt as ckpt
-from stages.pretrain import (PretrainConfig, RunPaths, TrainConfig, attention_map, config_hash,
-                             load_config, lr_at, train)
-from stages.pretrain_data import load_shards, train_batch, unigram_bpb, val_batches
+from stages.pretrain import checkpoints as ckpt
+from stages.pretrain.config import PretrainConfig, RunPaths, TrainConfig, config_hash, load_config
+from stages.pretrain.data import load_shards, train_batch, unigram_bpb, val_batches
+from stages.pretrain.evaluation import attention_record
+from stages.pretrain.trainer import Trainer, train
 from tests.stages.pretrain_helpers import env, run_stage, workspace, write_params
 
 OUTPUTS = ("models/baseline/model.safetensors", "models/baseline/meta.json",
@@ -86,7 +88,7 @@ def test_stage_writes_every_output_and_beats_unigram(tmp_path):
 def test_untracked_char_run_imports_neither_mlflow_nor_rustbpe(tmp_path):
     """`tracking.enabled: false` never imports MLflow, a char tokenizer never imports rustbpe."""
     root = workspace(tmp_path / "w", train={"steps": 4, "eval_every": 4})
-    code = ("import sys\nfrom stages.pretrain import main\nmain(['baseline'])\n"
+    code = ("import sys\nfrom stages.pretrain.__main__ import main\nmain(['baseline'])\n"
             "loaded = [m for m in ('mlflow', 'rustbpe') if m in sys.modules]\n"
             "assert not loaded, loaded\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env(), capture_output=True,
@@ -280,12 +282,12 @@ def test_sigterm_saves_a_checkpoint_and_exits_nonzero(tmp_path):
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
     t = TrainConfig(steps=100, warmup_steps=10, lr=1.0, min_lr_frac=0.1)
-    lrs = [lr_at(s, t) for s in range(100)]
+    lrs = [t.lr_at(s) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
-    assert lr_at(100, t) == pytest.approx(0.1)
+    assert t.lr_at(100) == pytest.approx(0.1)
     t.decay = "linear"
-    assert lr_at(55, t) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert t.lr_at(55) == pytest.approx(0.1 + 0.9 * 0.5)
 
 
 def test_sampler_is_a_pure_function_of_seed_step_rank(tmp_path):
@@ -314,11 +316,14 @@ def test_unigram_bpb_matches_the_entropy_of_a_known_distribution():
 def test_attention_map_rows_are_the_softmax_of_the_scores():
     from model.config import GPTConfig
     from model.gpt import GPT
+    from pipeline.tokenizer import CharTokenizer
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16))
     x = torch.randint(0, 64, (1, 16))
-    w = torch.tensor(attention_map(model, x, layer=0, head=1))
+    record = attention_record(model, x, CharTokenizer([]), layer=0, head=1)
+    assert record["kernel"] == "dot" and len(record["tokens"]) == 16 and model.training
+    w = torch.tensor(record["weights"])
     attn = model.blocks[0].attn
     h = model.blocks[0].norm_1(model.embed(x))
     cos, sin = model.rotary(16)
@@ -334,3 +339,32 @@ def test_shards_and_val_batches_read_what_the_helper_wrote(tmp_path):
     sh = load_shards(root / "data/tokens", 32)
     assert sh.train.dtype == np.uint16 and sh.vocab_size > int(sh.train.max())
     assert 0.99 < sh.bytes_per_token_val <= 1.01  # char tokenizer on ASCII text
+
+
+def test_trainer_state_dict_round_trip_continues_identically(tmp_path):
+    """What a checkpoint holds is enough: a fresh Trainer loaded from another's state_dict
+    takes the same next step, to the bit."""
+    from stages.pretrain.runtime import Runtime
+
+    root = workspace(tmp_path / "w", model={"n_layer": 1}, train={"steps": 10})
+    cfg, _ = in_process(root)
+    sh = load_shards(root / "data/tokens", cfg.model.block_size)
+    gcfg = cfg.gpt_config(sh.vocab_size)
+
+    def batches(step):
+        return [train_batch(sh.train, seed=cfg.seed, step=step, micro_step=0, rank=0,
+                            batch_size=cfg.train.micro_batch, block_size=gcfg.block_size)]
+
+    a = Trainer(cfg, gcfg, Runtime(), accum=1)
+    for step in range(3):
+        a.step(batches(step), cfg.train.lr_at(step))
+    assert a.iter_num == 3 and a.tokens == 3 * a.step_tokens
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)  # as a checkpoint does: no tensor shared with `a`
+    b = Trainer(cfg, gcfg, Runtime(), accum=1)
+    b.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=False))
+    assert (b.iter_num, b.tokens) == (a.iter_num, a.tokens)
+    for t in (a, b):
+        t.step(batches(3), cfg.train.lr_at(3))
+    for (name, pa), pb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(pa, pb), name

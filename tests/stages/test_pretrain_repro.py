@@ -3,7 +3,10 @@ git+DVC copy, then the MLflow SQLite store read back through MLflow's client."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlflow
+import mlflow.artifacts
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -65,6 +68,12 @@ def test_repro_trains_both_runs_and_tracks_them_in_mlflow(project):
     name = f"{params['tracking']['registered_model']}-baseline"
     mlflow.set_tracking_uri(project.env["MLFLOW_TRACKING_URI"])
     model = mlflow.pyfunc.load_model(f"models:/{name}@{params['tracking']['model_alias']}")
+    # the registered model ships only the model package, the tokenizer library and the loader
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@{params['tracking']['model_alias']}"))
+    code = sorted(str(p.relative_to(local / "code")) for p in (local / "code").rglob("*.py"))
+    assert [c for c in code if not c.startswith("model/")] == [
+        "pipeline/__init__.py", "pipeline/model_dir.py", "pipeline/tokenizer.py"], code
+    assert "model/gpt.py" in code and (local / "pyfunc.py").is_file()  # the model's own code
     out = model.predict(["a"], params={"max_new_tokens": 5, "seed": 1})
     again = model.predict(["a"], params={"max_new_tokens": 5, "seed": 1})
     assert len(out) == 1 and out[0].startswith("a") and len(out[0]) > 1 and out == again

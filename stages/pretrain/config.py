@@ -1,8 +1,9 @@
-"""The params of the `pretrain` stage: sections `model`, `pc`, `train` and the named `runs`.
+"""The params of the `pretrain` stage (sections `model`, `pc`, `train`, the named `runs`) and
+the paths of a run's files.
 
 Pure Python (no torch import): `python -m pipeline.params check` validates these
-sections with it in well under a second, and `stages.pretrain` / `stages.ablate`
-build their run configs through it. A run is `runs.<run>` (an override of
+sections with it in well under a second, and the stage and `stages.ablate` build
+their run configs through it, typed once, here. A run is `runs.<run>` (an override of
 `model`, `pc`, `train`) deep-merged over the base sections; an ablation item is
 the same merge with its own override (`merge_config`). Every section is also
 checked on its own: a bad base value fails even where every run overrides it.
@@ -13,7 +14,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from model.config import GPTConfig, PCConfig
@@ -111,6 +114,23 @@ class TrainConfig:
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"device: {self.device!r} must be auto, cpu, cuda or cuda:<n>")
 
+    def lr_at(self, step: int) -> float:
+        """Linear warmup over warmup_steps, then cosine or linear decay to lr*min_lr_frac."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        span = max(1, self.steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if self.decay == "cosine" else 1 - progress
+        return self.lr * (self.min_lr_frac + (1 - self.min_lr_frac) * shape)
+
+    def accum_steps(self, block_size: int, world: int) -> int:
+        """Micro-steps per optimizer step (gradient accumulation) for `batch_tokens`."""
+        per_micro = self.micro_batch * block_size * world
+        if self.batch_tokens % per_micro:
+            raise ParamsError(f"train.batch_tokens={self.batch_tokens}: must be a multiple of "
+                              f"micro_batch*block_size*world_size={per_micro}")
+        return max(1, self.batch_tokens // per_micro)
+
 
 @dataclass
 class PretrainConfig:
@@ -138,6 +158,37 @@ class PretrainConfig:
         MLflow logs, meta.json records and `config_hash` hashes."""
         model = {k: v for k, v in to_dict(self.model).items() if k not in ("vocab_size", "pc")}
         return {"seed": self.seed, "model": model, "pc": to_dict(self.pc), "train": to_dict(self.train)}
+
+
+@dataclass
+class RunPaths:
+    """Every file a run reads or writes: composed here, nowhere else."""
+
+    tokens_dir: Path
+    tokenizer_dir: Path
+    model_dir: Path
+    metrics: Path
+    """Headline metrics; pipeline.metrics.details_path(metrics) is the rest."""
+    curve: Path
+    samples: Path
+    attention: Path
+    checkpoints: Path
+
+    @classmethod
+    def for_run(cls, run: str, train: TrainConfig, tokens_dir: str | Path,
+                tokenizer_dir: str | Path) -> RunPaths:
+        """A named run's outputs: models/<run>/, metrics/pretrain/<run>*, checkpoints/<run>/."""
+        m = Path(train.metrics_dir)
+        return cls(Path(tokens_dir), Path(tokenizer_dir), Path(train.models_dir) / run,
+                   m / f"{run}.json", m / f"{run}_curve.tsv", m / f"{run}_samples.json",
+                   m / f"{run}_attention.json", Path(train.checkpoints_dir) / run)
+
+    @classmethod
+    def in_folder(cls, folder: str | Path, tokens_dir: str | Path, tokenizer_dir: str | Path) -> RunPaths:
+        """Every output in one scratch folder (an ablation item's run)."""
+        f = Path(folder)
+        return cls(Path(tokens_dir), Path(tokenizer_dir), f / "model", f / "train.json", f / "curve.tsv",
+                   f / "samples.json", f / "attention.json", f / "checkpoints")
 
 
 def model_config(model: dict[str, Any], pc: dict[str, Any]) -> GPTConfig:

@@ -1,26 +1,52 @@
-"""The `report` section of params.yaml (pure Python: `python -m pipeline.params check` reads it)."""
+"""The `report` section of params.yaml, and where the report's inputs are: composed from the
+sections of the stages that write them (`data`, `tokenizer`, `train`, `ablation`), never
+repeated here. Pure Python: `python -m pipeline.params check` reads it.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pipeline.metrics import METRICS, REQUIRED_NUMERIC
-from pipeline.params import ParamsError, load_section
+from pipeline.params import ParamsError, attempt, build, load_section
 
 SECTIONS = ("report",)
 
 
 @dataclass
 class ReportInputs:
-    """Where the other stages wrote their files (their paths, repeated as the report's deps)."""
+    """Where the other stages wrote what the report reads (relative to the repository root)."""
 
-    pretrain: str = "metrics/pretrain"
-    ablate: str = "metrics/ablate"
-    download: str = "metrics/download.json"
-    tokenizer: str = "metrics/tokenizer.json"
-    tokens_meta: str = "data/tokens/meta.json"
-    raw: str = "data/raw"  # <raw>/<source>/manifest.json is hashed for provenance if present
+    pretrain: Path
+    """`train.metrics_dir`: <run>.json (+ _details, _curve.tsv, _samples, _attention)."""
+    ablate: Path
+    """`ablation.metrics_dir`: <variant>-<seed>.json (+ _details)."""
+    download: Path
+    """`data.metrics_file`."""
+    tokenizer: Path
+    """`tokenizer.metrics_file`."""
+    tokens_meta: Path
+    """`<tokenizer.tokens_dir>/meta.json`."""
+    manifest: Path | None
+    """`<data.raw_dir>/<data.source>/manifest.json`, hashed for provenance (not a DVC dep:
+    None where the `data` section does not say)."""
+
+
+def report_inputs(params: dict[str, Any]) -> ReportInputs:
+    """The input paths, from the writers' own config sections (defaults where one is absent)."""
+    from stages.ablate import load_ablation
+    from stages.data_config import DataConfig, TokenizerConfig
+    from stages.pretrain.config import TrainConfig
+
+    tok = build(TokenizerConfig, params.get("tokenizer") or {}, "tokenizer")
+    train = build(TrainConfig, params.get("train") or {}, "train")
+    ablate = load_ablation(params).metrics_dir if "ablation" in params else "metrics/ablate"
+    data = build(DataConfig, params["data"], "data") if "data" in params else None
+    return ReportInputs(Path(train.metrics_dir), Path(ablate),
+                        Path(data.metrics_file if data else DataConfig.metrics_file),
+                        Path(tok.metrics_file), tok.tokens_meta, data.manifest_path if data else None)
 
 
 @dataclass
@@ -48,7 +74,6 @@ class ReportConfig:
     """Override keys containing this mark test-time attention-settling variants (plotted apart from T)."""
     samples_per_model: int = 3
     """Generated samples shown per model."""
-    inputs: ReportInputs = field(default_factory=ReportInputs)
     out_dir: str = "reports"
 
     def __post_init__(self) -> None:
@@ -71,18 +96,19 @@ class ReportConfig:
 
 
 def check_params(params: dict[str, Any]) -> ReportConfig:
-    """The `report` section, and the runs and variants it names where params define them."""
-    cfg = load_section(ReportConfig, "report", params=params)
-    found = []
+    """The `report` section, the runs and variants it names, and its inputs' sections."""
+    found: list[str] = []
+    cfg = attempt(found, load_section, ReportConfig, "report", "params.yaml", params)
+    attempt(found, report_inputs, params)
     runs = params.get("runs")
-    if isinstance(runs, dict):
+    if cfg and isinstance(runs, dict):
         for key in ("baseline_run", "pcgpt_run"):
             if getattr(cfg, key) not in runs:
                 found.append(f"report.{key}: {getattr(cfg, key)!r} is not a run "
                              f"(known: {', '.join(sorted(runs))})")
     ablation = params.get("ablation")
     variants = ablation.get("variants") if isinstance(ablation, dict) else None
-    if isinstance(variants, dict):
+    if cfg and isinstance(variants, dict):
         for key in ("reference", "control"):
             if getattr(cfg, key) not in variants:
                 found.append(f"report.{key}: {getattr(cfg, key)!r} is not an ablation variant "
