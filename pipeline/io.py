@@ -1,9 +1,10 @@
-"""Atomic file writes: every artifact appears whole or not at all.
+"""Atomic writes: every artifact, file or folder, appears whole or not at all.
 
 A write goes to a temporary file in the destination's folder, is flushed and
 fsynced, then renamed over the destination (rename is atomic on POSIX within
 one filesystem). A crash or kill mid-write leaves at most a stray `.tmp-*`
-file, never a truncated artifact.
+file, never a truncated artifact. `atomic_dir` does the same for a folder built
+file by file (a corpus, a tokenizer, the report's figures).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -37,6 +39,25 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: str | Path) -> Iterator[Path]:
+    """Yield an empty temp folder beside `dest`; fill it. On success it replaces `dest` whole
+    (the old folder is renamed aside, the new one renamed in, then the old one deleted); on an
+    exception it is deleted and `dest` is untouched."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
+    try:
+        yield tmp
+        old = dest.with_name(f"{tmp.name}-old")
+        if dest.exists():
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_bytes(dest: str | Path, data: bytes) -> None:

@@ -41,11 +41,18 @@ log = logging.getLogger(__name__)
 _TAG_KEY_BAD = re.compile(r"[^A-Za-z0-9_\-./ ]")
 
 
-def git_state(root: str | Path = ".") -> dict[str, Any]:
-    """{'commit': <sha or None>, 'dirty': <bool or None>} of the git repo at `root`.
+# Pipeline outputs that git tracks (cache: false in dvc.yaml): a run rewrites them, so they
+# say nothing about whether the code and params match the commit.
+OUTPUT_PATHS = ("metrics", "reports", "dvc.lock")
 
-    Dirty means tracked files differ from HEAD (untracked files don't count:
-    DVC outputs and scratch folders are git-ignored or untracked by design).
+
+def git_state(root: str | Path = ".") -> dict[str, Any]:
+    """{'commit': <sha or None>, 'dirty': <bool or None>, 'changed': <int or None>} of the git
+    repo at `root`: the one answer MLflow's tags and the report's provenance both give.
+
+    Dirty means tracked files other than the pipeline's own outputs (OUTPUT_PATHS) differ
+    from HEAD; `changed` counts them. Untracked files don't count: DVC outputs and scratch
+    folders are git-ignored or untracked by design.
     """
     def git(*args: str) -> str | None:
         try:
@@ -57,9 +64,13 @@ def git_state(root: str | Path = ".") -> dict[str, Any]:
 
     commit = git("rev-parse", "HEAD")
     if commit is None:
-        return {"commit": None, "dirty": None}
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": commit, "dirty": None if status is None else bool(status)}
+        return {"commit": None, "dirty": None, "changed": None}
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                 *(f":(exclude){p}" for p in OUTPUT_PATHS))
+    if status is None:
+        return {"commit": commit, "dirty": None, "changed": None}
+    changed = len([ln for ln in status.splitlines() if ln.strip()])
+    return {"commit": commit, "dirty": changed > 0, "changed": changed}
 
 
 def _split_address(stage: str, root: Path) -> tuple[Path, str]:
@@ -168,5 +179,5 @@ def manifest_sha256(path: str | Path | None) -> str | None:
     return sha256_file(path)
 
 
-__all__ = ["git_state", "lock_entry", "params_sha256", "hashes_from_lock",
+__all__ = ["OUTPUT_PATHS", "git_state", "lock_entry", "params_sha256", "hashes_from_lock",
            "hashes_from_workspace", "stage_hashes", "manifest_sha256"]

@@ -85,7 +85,7 @@ turns the first failure into the single warning above. Pass Python numbers or
 detached 0-d tensors; the thread converts the tensors of one batch with one
 copy per device (not one synchronising `.item()` each), but that copy still
 waits for the device's queued work, so a training loop should hand over numbers
-it has already read back (stages/pretrain.py copies its losses asynchronously
+it has already read back (stages/pretrain/progress.py copies its losses asynchronously
 and logs them a log step later). The store's own cost is paid by that thread,
 off the training step but not off the GIL: on a 2-core CPU box MLflow's SQLite
 store spends about 5 ms per request plus 55-100 us per metric (SQLAlchemy).
@@ -124,6 +124,10 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
 TAG_PIPELINE_KEY = "pcgpt.pipeline_key"
 TAG_KIND = "pcgpt.kind"
+# MLflow 3's UI opens an experiment on the view its kind names (the GenAI overview when it
+# has none and infers nothing); ours holds training runs. Values: mlflow/server/js ExperimentKind.
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 PROBE_TIMEOUT_S = 3
 # HTTP limits for stage processes (MLflow's defaults: 7 retries, 120 s timeout).
 RUNTIME_HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
@@ -156,6 +160,14 @@ class TrackingConfig:
                 raise ValueError(f"{name}: must not be empty")
         if not self.flush_interval_s > 0:
             raise ValueError(f"flush_interval_s: must be > 0, got {self.flush_interval_s}")
+
+
+SECTIONS = ("tracking",)
+
+
+def check_params(params: dict[str, Any]) -> None:
+    """The `tracking` section (pipeline.params.check_file, and every stage at start-up)."""
+    load_section(TrackingConfig, "tracking", params=params)
 
 
 # --------------------------------------------------------------------------- interface
@@ -191,8 +203,10 @@ class Tracker:
                          code_paths: list[str] | None = None,
                          pip_requirements: list[str] | None = None,
                          signature: Any = None, input_example: Any = None) -> str | None:
-        """Log an `mlflow.pyfunc.PythonModel`, register a new version of `registered_name`
-        and point `alias` at it. Returns `models:/<registered_name>@<alias>` (None here)."""
+        """Log an `mlflow.pyfunc.PythonModel` (or the path of a models-from-code file, which
+        MLflow runs to load the model), register a new version of `registered_name` and point
+        `alias` at it. `signature` may be a function that builds it: called only here, by a
+        tracker that logs. Returns `models:/<registered_name>@<alias>` (None here)."""
         return None
 
     def flush(self) -> None:
@@ -380,6 +394,8 @@ class MlflowTracker(Tracker):
         # experiment of the logged-model entity from MLflow's process-wide state.
         mlflow.set_tracking_uri(self.tracking_uri)
         mlflow.set_experiment(experiment_id=self.experiment_id)
+        if callable(signature):
+            signature = signature()
         info = Model.log(
             artifact_path=None, name=name, flavor=mlflow.pyfunc, python_model=python_model, artifacts=artifacts,
             code_paths=code_paths, registered_model_name=registered_name, run_id=self.run_id,
@@ -566,18 +582,23 @@ def _http_limits(limits: Mapping[str, str], override: bool) -> Iterator[None]:
 # --------------------------------------------------------------------------- runs
 
 def _experiment_id(client: Any, name: str, uri: str) -> str:
+    """The experiment `name`, created (or restored) if needed, tagged as a training experiment
+    where it carries no kind yet."""
     from mlflow.exceptions import MlflowException
 
     exp = client.get_experiment_by_name(name)
     if exp is None:
         try:
-            return client.create_experiment(name, artifact_location=artifact_location(uri))
+            return client.create_experiment(name, artifact_location=artifact_location(uri),
+                                            tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND})
         except MlflowException:  # created meanwhile by another host
             exp = client.get_experiment_by_name(name)
             if exp is None:
                 raise
     if exp.lifecycle_stage == "deleted":
         client.restore_experiment(exp.experiment_id)
+    if TAG_EXPERIMENT_KIND not in exp.tags:
+        client.set_experiment_tag(exp.experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
     return exp.experiment_id
 
 

@@ -4,15 +4,17 @@ The grid is a DVC `matrix` over `ablation.variants` x `ablation.seeds`. A varian
 is a name, the research question it answers and a small override of the PC-GPT
 base run (`runs.<ablation.base>`), one factor changed; a user adds a variant by
 editing params.yaml only. Every item is a short pretrain run through the same
-`stages.pretrain.train` loop (no second training loop), at the grid's own scale
+`stages.pretrain.trainer.train` loop (no second training loop), at the grid's own scale
 (`ablation.scale`: a smaller model and a shorter schedule, applied to every item
 before its variant's override, so all items differ from the base in one factor).
 
 Reads:  data/tokens/, data/tokenizer/; params.yaml `model`, `pc`, `train`,
         `runs.<base>`, `ablation.base`, `ablation.scale`, `ablation.variants.<variant>`,
-        `ablation.metrics_dir`, `ablation.scratch_dir`.
-Writes: metrics/ablate/<variant>-<seed>.json  the run's final metrics (the flat keys of
-        a pretrain metrics file) + variant, seed, question, override, description;
+        `ablation.metrics_dir`, `ablation.scratch_dir` (at start-up every run and every
+        variant of the grid is checked, before any work).
+Writes: metrics/ablate/<variant>-<seed>.json  the run's headline metrics (a DVC metric) and
+        metrics/ablate/<variant>-<seed>_details.json  the rest: variant, seed, question,
+        override, description, device and the diagnostics (pipeline/metrics.py);
         <scratch_dir>/<variant>-<seed>/  resumable checkpoints, the item's model, curve
         and samples (scratch: not DVC outs, git-ignored);
         an MLflow child run under the pipeline's parent, tagged with variant and seed.
@@ -20,7 +22,11 @@ Run:    python -m stages.ablate <variant> <seed>      (or `dvc repro ablate@<var
 
 Test-time variants (`eval.attn_settle_steps`) train exactly like the base (same seed,
 same config: bit-identical weights on CPU) and then evaluate with that many
-attention-settling steps, the only factor that differs.
+attention-settling steps, the only factor that differs. A diverged item (NaN/inf
+loss) is a result, not a crash: pipeline.metrics.diverged_record.
+
+`load_ablation` is the one parser of the `ablation` section (the report reads the
+grid through it).
 """
 
 from __future__ import annotations
@@ -32,12 +38,13 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pipeline.io import write_json
-from pipeline.params import ParamsError, build, deep_merge, flatten, read_params
+from pipeline.metrics import QUESTIONS, diverged_record, write_run_metrics
+from pipeline.params import (ParamsError, attempt, build, check_seed, deep_merge, fail, flatten,
+                             read_params, validate)
 
-QUESTIONS = ("control", "precision", "distribution", "pathway", "settling")
+SECTIONS = ("ablation",)
 
 
 @dataclass
@@ -54,13 +61,25 @@ class EvalOverride:
 
 @dataclass
 class Variant:
-    question: Literal["control", "precision", "distribution", "pathway", "settling"]
-    """Which research question the variant answers (groups the report's tables)."""
+    question: str
+    """Which research question the variant answers (pipeline.metrics.QUESTIONS; groups the
+    report's tables)."""
     description: str = ""
     """A short human label for the report."""
     override: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Sections `model`, `pc`, `train`, deep-merged over the base run (like `runs.<run>`)."""
     eval: EvalOverride = field(default_factory=EvalOverride)
+
+    def __post_init__(self) -> None:
+        if self.question not in QUESTIONS:
+            raise ValueError(f"question: {self.question!r} is not allowed (must be one of "
+                             f"{', '.join(QUESTIONS)})")
+
+    def changes(self) -> dict[str, Any]:
+        """What the variant changes, flat: `pc.settle_steps`, `eval.attn_settle_steps`, ..."""
+        out = flatten(self.override)
+        out.update({f"eval.{k}": v for k, v in dataclasses.asdict(self.eval).items() if v is not None})
+        return out
 
 
 @dataclass
@@ -75,6 +94,10 @@ class AblationConfig:
     variants: dict[str, Variant] = field(default_factory=dict)
     metrics_dir: str = "metrics/ablate"
     scratch_dir: str = "checkpoints/ablate"
+
+    def metrics_path(self, variant: str, seed: int) -> Path:
+        """The item's headline metrics (pipeline.metrics.details_path: the rest)."""
+        return Path(self.metrics_dir) / f"{item_name(variant, seed)}.json"
 
     def __post_init__(self) -> None:
         if not self.seeds:
@@ -100,98 +123,87 @@ def item_name(variant: str, seed: int) -> str:
 
 
 def load_ablation(params: dict[str, Any]) -> AblationConfig:
+    """The `ablation` section on its own."""
     if "ablation" not in params:
         raise ParamsError("ablation: section missing from params.yaml")
-    cfg = build(AblationConfig, params["ablation"], "ablation")
-    runs = params.get("runs") or {}
-    if cfg.base not in runs:
-        raise ParamsError(f"ablation.base={cfg.base!r}: no such run in `runs` "
-                          f"(known: {', '.join(sorted(runs))})")
-    return cfg
+    return build(AblationConfig, params["ablation"], "ablation")
 
 
 def item_config(params: dict[str, Any], abl: AblationConfig, variant: str, seed: int):
     """The PretrainConfig of one grid item: base run <- grid scale <- variant override, seed."""
-    from stages.pretrain import load_config
+    # here, not at the top: the report reads the grid through this module without torch
+    from stages.pretrain.config import check_override, merge_config
 
     if variant not in abl.variants:
         raise ParamsError(f"ablation.variants.{variant}: no such variant "
                           f"(known: {', '.join(sorted(abl.variants))})")
-    override = deep_merge(params["runs"].get(abl.base) or {}, abl.scale)
+    runs = params.get("runs") or {}
+    if abl.base not in runs:
+        raise ParamsError(f"ablation.base={abl.base!r}: no such run in `runs` "
+                          f"(known: {', '.join(sorted(runs))})")
+    # a base run of the wrong shape fails as itself: one line, not one per variant
+    check_override(runs[abl.base] or {}, f"runs.{abl.base}")
+    override = deep_merge(runs[abl.base] or {}, abl.scale)
     override = deep_merge(override, abl.variants[variant].override)
-    name = item_name(variant, seed)
-    merged = {**params, "runs": {name: override}}
-    try:
-        cfg = load_config(name, merged)
-    except ParamsError as e:
-        raise ParamsError(f"ablation.variants.{variant}: {e}") from e
+    cfg = merge_config(params, override, f"ablation.variants.{variant}")
     return dataclasses.replace(cfg, seed=seed)
 
 
-def evaluate_with(model_dir: Path, tokens_dir: Path, cfg, eval_override: EvalOverride) -> dict[str, float]:
-    """Re-evaluate the item's saved model with test-time overrides (same fixed val batches)."""
-    import json
+def check_params(params: dict[str, Any]) -> None:
+    """The `ablation` section on its own, then every variant merged over the base run: a
+    broken variant fails every item's start, not only its own (after hours of the others)."""
+    found: list[str] = []
+    abl = attempt(found, load_ablation, params)
+    if abl is not None:
+        for variant in abl.variants:
+            attempt(found, item_config, params, abl, variant, abl.seeds[0])
+    if found:
+        raise ParamsError(*found)
 
-    import torch
-    from safetensors.torch import load_file
 
-    from model.config import GPTConfig
-    from model.pc import build_model
-    from stages.pretrain import Runtime, evaluate
-    from stages.pretrain_data import load_shards, val_batches
-
-    meta = json.loads((model_dir / "meta.json").read_text(encoding="utf-8"))
-    mcfg = meta["model"]
-    if eval_override.attn_settle_steps is not None:
-        mcfg = deep_merge(mcfg, {"attention": {"settle_steps": eval_override.attn_settle_steps}})
-    model = build_model(GPTConfig(**mcfg))
-    model.load_state_dict(load_file(str(model_dir / "model.safetensors")))
-    shards = load_shards(tokens_dir, model.config.block_size)
-    t = cfg.train
-    val = val_batches(shards.val, n_batches=t.eval_batches, batch_size=t.micro_batch,
-                      block_size=model.config.block_size, rank=0, world_size=1)
-    return evaluate(model, val, Runtime(device=torch.device("cpu")), nullcontext(),
-                    shards.bytes_per_token_val)
+def item_record(metrics: dict[str, Any], abl: AblationConfig, variant: str, seed: int) -> dict[str, Any]:
+    """An item's final metrics with what identifies it (variant, seed, question, description,
+    the changes): the one flat dict the report reads back."""
+    v = abl.variants[variant]
+    return {**metrics, "variant": variant, "seed": seed, "question": v.question,
+            "description": v.description or variant, "override": v.changes()}
 
 
 def run_item(params: dict[str, Any], variant: str, seed: int, tracker=None) -> dict[str, Any]:
-    """Train one grid item, write its metrics JSON, return it."""
-    from stages.pretrain import NonFiniteLoss, RunPaths, train
-    from stages.tokenizer import TokenizerConfig
-    from pipeline.params import load_section
+    """Train one grid item, write its metrics (headline + details), return them."""
+    from pipeline.model_dir import load_model
+    from pipeline.tracking import NullTracker, device_name
+    from stages.data_config import check_tokenizer
+    from stages.pretrain.config import RunPaths
+    from stages.pretrain.data import load_shards, val_batches
+    from stages.pretrain.evaluation import evaluate
+    from stages.pretrain.runtime import Runtime
+    from stages.pretrain.trainer import NonFiniteLoss, train
 
+    tracker = tracker or NullTracker()
     abl = load_ablation(params)
     cfg = item_config(params, abl, variant, seed)
-    tok = load_section(TokenizerConfig, "tokenizer", params=params)
+    tok = check_tokenizer(params)
     v = abl.variants[variant]
     name = item_name(variant, seed)
-    scratch = Path(abl.scratch_dir) / name
-    paths = RunPaths(tokens_dir=Path(tok.tokens_dir), tokenizer_dir=Path(tok.dir),
-                     model_dir=scratch / "model", metrics=scratch / "train.json",
-                     curve=scratch / "curve.tsv", samples=scratch / "samples.json",
-                     attention=scratch / "attention.json", checkpoints=scratch / "checkpoints")
+    paths = RunPaths.in_folder(Path(abl.scratch_dir) / name, tok.tokens_dir, tok.dir)
     t0 = time.perf_counter()
     try:
         metrics = train(cfg, name, paths, tracker, progress=sys.stderr.isatty())
     except NonFiniteLoss as e:
-        # A diverged item is a result of the grid, not a crash of the pipeline: it is
-        # recorded with NaN metrics (the report shows it as "not computable").
         print(f"ablate: {e}", file=sys.stderr)
-        metrics = {"run": name, "diverged": str(e),
-                   **{k: float("nan") for k in ("train/loss", "val/loss", "val/ppl", "val/bpb",
-                                                "val/acc", "perf/tok_per_s", "perf/step_ms",
-                                                "mem/peak_gib")}}
+        metrics = diverged_record(name, str(e), device_name())
     if v.eval.attn_settle_steps is not None and "diverged" not in metrics:
-        ev = evaluate_with(paths.model_dir, paths.tokens_dir, cfg, v.eval)
+        # the trained model, evaluated again with test-time settling on the same val batches
+        model, _ = load_model(paths.model_dir, {"attention": {"settle_steps": v.eval.attn_settle_steps}})
+        shards = load_shards(paths.tokens_dir, model.config.block_size)
+        val = val_batches(shards.val, n_batches=cfg.train.eval_batches, batch_size=cfg.train.micro_batch,
+                          block_size=model.config.block_size)
+        ev = evaluate(model, val, Runtime(), nullcontext(), shards.bytes_per_token_val)
         metrics.update(ev)
-        if tracker is not None:
-            tracker.log_metrics(ev, step=metrics["step"])
-    override = flatten(v.override)
-    override.update({f"eval.{k}": val for k, val in dataclasses.asdict(v.eval).items() if val is not None})
-    out = {**metrics, "variant": variant, "seed": seed, "question": v.question,
-           "description": v.description or variant, "override": override,
-           "wall_s": round(time.perf_counter() - t0, 3)}
-    write_json(Path(abl.metrics_dir) / f"{name}.json", out)
+        tracker.log_metrics(ev, step=metrics["step"])
+    out = item_record({**metrics, "wall_s": round(time.perf_counter() - t0, 3)}, abl, variant, seed)
+    write_run_metrics(abl.metrics_path(variant, seed), out)
     return out
 
 
@@ -203,22 +215,26 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     from pipeline import tracking
     from pipeline.params import load_section
-    from stages.pretrain import TrainingInterrupted
+    from stages import data_config
+    from stages.pretrain import config
+    from stages.pretrain.trainer import TrainingInterrupted
 
     try:
         params = read_params(args.params)
+        validate(params, [check_seed, config.check_params, check_params, data_config.check_tokenizer,
+                          tracking.check_params])
         abl = load_ablation(params)
         cfg = item_config(params, abl, args.variant, args.seed)
         if args.seed not in abl.seeds:
             raise ParamsError(f"seed {args.seed}: not in ablation.seeds {abl.seeds}")
         tcfg = load_section(tracking.TrackingConfig, "tracking", params=params)
     except ParamsError as e:
-        sys.exit(f"ablate: error: {e}")
+        fail("ablate", e)
     v = abl.variants[args.variant]
     tags = {"ablation.variant": args.variant, "ablation.seed": args.seed,
             "ablation.question": v.question, "pc.algorithm": cfg.pc.algorithm}
     try:
-        with tracking.stage_run(f"ablate@{item_name(args.variant, args.seed)}", params=cfg,
+        with tracking.stage_run(f"ablate@{item_name(args.variant, args.seed)}", params=cfg.to_params(),
                                 config=tcfg, tags=tags) as tracker:
             out = run_item(params, args.variant, args.seed, tracker)
     except TrainingInterrupted as e:

@@ -1,18 +1,23 @@
-"""The `data` section of params.yaml: which corpus, where it lands, how it is fetched.
+"""The `data` and `tokenizer` sections of params.yaml: which corpus, where it lands, how it
+is fetched; how it is tokenized and where the tokenizer and shards go.
 
-Shared by the `download` stage (which fetches `data.source`) and the
-`tokenizer` stage (which reads `data/raw/<source>/docs.parquet` and splits it
-with `data.val_fraction`), so that neither imports the other's module.
+Shared by the `download` stage (which fetches `data.source`), the `tokenizer` stage
+(which reads `data/raw/<source>/docs.parquet`, splits it with `data.val_fraction`
+and writes the tokenizer and shards) and everything that reads their outputs, so
+that no stage imports another's module for a path. Pure Python.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
-from pipeline.params import ParamsError
+from pipeline.params import ParamsError, load_section, problems
+from pipeline.tokenizer import SPECIALS
 
+SECTIONS = ("data", "tokenizer")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 SYNTHETIC_TASKS = ("copy", "repeat", "classify")
 
@@ -155,3 +160,61 @@ class DataConfig:
     def spec(self) -> SourceSpec:
         """The catalog entry of the chosen source."""
         return self.catalog[self.source]
+
+    # The corpus paths, composed here only (download writes them, the others read them).
+    @property
+    def corpus_dir(self) -> Path:
+        return Path(self.raw_dir) / self.source
+
+    @property
+    def docs_path(self) -> Path:
+        return self.corpus_dir / "docs.parquet"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.corpus_dir / "manifest.json"
+
+
+@dataclass
+class TokenizerConfig:
+    """The `tokenizer` section."""
+
+    kind: Literal["bpe", "char"] = "bpe"
+    vocab_size: int = 2048
+    """bpe: ids in total, the 3 specials included (the model's embedding size).
+    Fewer are made when the corpus runs out of pairs to merge. char: unused."""
+    split_pattern: Literal["gpt4", "gpt4-digits2"] = "gpt4"
+    dir: str = "data/tokenizer"
+    tokens_dir: str = "data/tokens"
+    metrics_file: str = "metrics/tokenizer.json"
+    sanity_docs: int = 8
+    """Val documents read back from val.bin and decoded after writing."""
+
+    @property
+    def tokens_meta(self) -> Path:
+        """The shards' meta.json (vocab size, dtype, bytes per token): what training reads first."""
+        return Path(self.tokens_dir) / "meta.json"
+
+    def __post_init__(self) -> None:
+        if self.kind == "bpe" and not 256 + len(SPECIALS) <= self.vocab_size <= 2**31:
+            raise ValueError(f"vocab_size: must be in [{256 + len(SPECIALS)}, 2**31] for bpe, "
+                             f"got {self.vocab_size}")
+        if self.sanity_docs < 0:
+            raise ValueError(f"sanity_docs: must be >= 0, got {self.sanity_docs}")
+
+
+def check_data(params: dict[str, Any]) -> DataConfig:
+    """The `data` section, checked."""
+    return load_section(DataConfig, "data", params=params)
+
+
+def check_tokenizer(params: dict[str, Any]) -> TokenizerConfig:
+    """The `tokenizer` section, checked."""
+    return load_section(TokenizerConfig, "tokenizer", params=params)
+
+
+def check_params(params: dict[str, Any]) -> None:
+    """Both sections (pipeline.params.check_file); a stage checks the ones it reads."""
+    found = problems(params, [check_data, check_tokenizer])
+    if found:
+        raise ParamsError(*found)

@@ -1,7 +1,8 @@
 """Stage `download`: fetch the corpus named by `data.source` and store it as documents.
 
-Reads:  params.yaml `seed` and `data` (the source is `data.catalog[data.source]`,
-        see stages/data_config.py and stages/data_sources.py for the kinds).
+Reads:  params.yaml `seed`, `data` (the source is `data.catalog[data.source]`, see
+        stages/data_config.py and stages/data_sources.py for the kinds) and `tracking`,
+        all checked before any work.
 Writes: data/raw/<source>/docs.parquet   one row per document: doc_id, text, source
         data/raw/<source>/manifest.json  every file read (name, bytes, sha256), totals
         metrics/download.json            counts and wall_s
@@ -17,9 +18,6 @@ empty corpus, bad bytes, unsafe archive) leaves nothing half-written.
 
 from __future__ import annotations
 
-import shutil
-import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -27,8 +25,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.io import sha256_file, write_json
-from pipeline.params import ParamsError, load_section, read_params
+from pipeline.io import atomic_dir, sha256_file, write_json
+from pipeline.metrics import numeric
+from pipeline.params import ParamsError, check_seed, fail, load_section, read_params, validate
+from stages import data_config
 from stages._fetch import DownloadError
 from stages.data_config import DataConfig
 from stages.data_sources import CorpusError, read_source
@@ -64,25 +64,17 @@ def build_corpus(cfg: DataConfig, seed: int, progress: bool = True) -> tuple[pa.
 
 
 def write_corpus(out_dir: Path, table: pa.Table, manifest: dict) -> None:
-    """Write docs.parquet + manifest.json into a temp folder, then swap it into `out_dir`."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
-    try:
+    """docs.parquet + manifest.json, as one folder that replaces `out_dir` whole."""
+    with atomic_dir(out_dir) as tmp:
         pq.write_table(table, tmp / "docs.parquet")
         write_json(tmp / "manifest.json", manifest)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 def run(cfg: DataConfig, seed: int, progress: bool = True) -> dict:
     """Fetch, build and write the corpus; write and return the stage metrics."""
     t0 = time.perf_counter()
     table, manifest = build_corpus(cfg, seed, progress)
-    write_corpus(Path(cfg.raw_dir) / cfg.source, table, manifest)
+    write_corpus(cfg.corpus_dir, table, manifest)
     metrics = {
         "source": cfg.source,
         "documents": manifest["documents"],
@@ -96,30 +88,22 @@ def run(cfg: DataConfig, seed: int, progress: bool = True) -> dict:
     return metrics
 
 
-def load_config(params_path: str = "params.yaml") -> tuple[DataConfig, int]:
-    """The `data` section and the shared seed, validated."""
-    params = read_params(params_path)
-    seed = params.get("seed")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ParamsError(f"seed: expected an integer, got {seed!r}")
-    return load_section(DataConfig, "data", params=params), seed
-
-
 def main() -> None:
     from pipeline import tracking
 
     try:
-        cfg, seed = load_config()
-        tcfg = load_section(tracking.TrackingConfig, "tracking")
+        params = read_params()
+        validate(params, [check_seed, data_config.check_data, tracking.check_params])
+        cfg, seed = data_config.check_data(params), check_seed(params)
+        tcfg = load_section(tracking.TrackingConfig, "tracking", params=params)
         with tracking.stage_run("download", params=cfg, config=tcfg) as tracker:
             metrics = run(cfg, seed)
-            manifest = Path(cfg.raw_dir) / cfg.source / "manifest.json"
+            manifest = cfg.manifest_path
             tracker.set_tags({"data.manifest_sha256": sha256_file(manifest)})
-            tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))
-                                 and not isinstance(v, bool)}, step=0)
+            tracker.log_metrics(numeric(metrics), step=0)
             tracker.log_artifact(manifest)
     except (ParamsError, DownloadError, CorpusError) as e:
-        sys.exit(f"download: error: {e}")
+        fail("download", e)
     print(f"download: {metrics['documents']:,} documents, {metrics['characters']:,} characters "
           f"from {metrics['source']!r} in {metrics['wall_s']:.1f}s")
 

@@ -16,7 +16,8 @@ import yaml
 from pipeline.params import deep_merge
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+# Small public-domain text shipped with the tests (provenance and sha256: tests/data/README.md).
+SHAKESPEARE = ROOT / "tests" / "data" / "shakespeare.txt"
 # What a project copy needs to run its stages (DVC outputs are made fresh).
 PROJECT_FILES = ["model", "stages", "pipeline", "dvc.yaml", "params.yaml", "pyproject.toml"]
 

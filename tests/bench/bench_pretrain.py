@@ -43,15 +43,13 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from model.gpt import GPT  # noqa: E402
 from model.pc import build_model  # noqa: E402
 from model.utils import flops_per_token, make_optimizer, mfu  # noqa: E402
 from pipeline import tracking  # noqa: E402
-from pipeline.params import build  # noqa: E402
-from stages.pretrain import (PretrainConfig, RunPaths, TrainConfig, peak_flops,  # noqa: E402
-                             setup_runtime, train)
-from model.config import PCConfig  # noqa: E402
-from stages.pretrain_data import load_shards, train_batch  # noqa: E402
+from stages.pretrain.config import PretrainConfig, RunPaths, merge_config  # noqa: E402
+from stages.pretrain.data import load_shards, train_batch  # noqa: E402
+from stages.pretrain.runtime import peak_flops, setup_runtime  # noqa: E402
+from stages.pretrain.trainer import train  # noqa: E402
 from tests.stages.pretrain_helpers import write_data  # noqa: E402
 
 PRESETS = {
@@ -67,14 +65,14 @@ def config(args) -> PretrainConfig:
             model[key] = getattr(args, key)
     if args.micro_batch is not None:
         train_kw["micro_batch"] = args.micro_batch
-    t = build(TrainConfig, {**train_kw, "steps": args.steps, "warmup_steps": min(10, args.steps),
-                            "eval_every": args.steps, "save_every": args.steps,
-                            "log_every": args.log_every, "eval_batches": 2, "resume": "never",
-                            "device": args.device, "dtype": args.dtype, "compile": args.compile,
-                            "sample_tokens": 4, "sample_prompts": ["the"]}, "train")
-    return PretrainConfig(seed=1, model=model, pc=build(PCConfig, {"algorithm": args.algorithm,
-                                                                  "settle_steps": args.T}, "pc"),
-                          train=t)
+    train = {**train_kw, "steps": args.steps, "warmup_steps": min(10, args.steps),
+             "eval_every": args.steps, "save_every": args.steps,
+             "log_every": args.log_every, "eval_batches": 2, "resume": "never",
+             "device": args.device, "dtype": args.dtype, "compile": args.compile,
+             "sample_tokens": 4, "sample_prompts": ["the"]}
+    params = {"seed": 1, "model": model, "pc": {"algorithm": args.algorithm, "settle_steps": args.T},
+              "train": train}
+    return merge_config(params, {}, "bench")
 
 
 def model_only(cfg: PretrainConfig, data_dir: Path, args) -> tuple[float, float]:
@@ -83,7 +81,7 @@ def model_only(cfg: PretrainConfig, data_dir: Path, args) -> tuple[float, float]
     are close, every microsecond of host work the loop adds shows in its step time."""
     t = cfg.train
     rt = setup_runtime(t)
-    shards = load_shards(data_dir / "tokens", cfg.model["block_size"])
+    shards = load_shards(data_dir / "tokens", cfg.model.block_size)
     gcfg = cfg.gpt_config(shards.vocab_size)
     torch.manual_seed(cfg.seed)
     model = build_model(gcfg).to(rt.device)
@@ -121,7 +119,7 @@ def pretrain_loop(cfg: PretrainConfig, data_dir: Path, out: Path, tracked: bool)
     cfg.train.models_dir, cfg.train.metrics_dir, cfg.train.checkpoints_dir = (
         str(out / "models"), str(out / "metrics"), str(out / "checkpoints"))
     paths = RunPaths.for_run("bench", cfg.train, data_dir / "tokens", data_dir / "tokenizer")
-    tracker = (tracking.open_stage_run("bench-pretrain", params=cfg,
+    tracker = (tracking.open_stage_run("bench-pretrain", params=cfg.to_params(),
                                        config=tracking.TrackingConfig(experiment="pcgpt-bench"))
                if tracked else tracking.NullTracker())
     try:
@@ -176,7 +174,7 @@ def main() -> None:
                                       tracked="mlflow" in name)
                 rows[name].append(s)
         cfg = config(args)
-        gcfg = cfg.gpt_config(load_shards(data_dir / "tokens", cfg.model["block_size"]).vocab_size)
+        gcfg = cfg.gpt_config(load_shards(data_dir / "tokens", cfg.model.block_size).vocab_size)
         rt = setup_runtime(cfg.train)
 
     tokens = cfg.train.micro_batch * gcfg.block_size

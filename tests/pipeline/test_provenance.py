@@ -23,17 +23,20 @@ def sh(cwd: Path, *args: str) -> str:
 
 
 def test_git_state_commit_and_dirty_flag(tmp_path):
-    assert provenance.git_state(tmp_path) == {"commit": None, "dirty": None}
+    assert provenance.git_state(tmp_path) == {"commit": None, "dirty": None, "changed": None}
     sh(tmp_path, "git", "init", "-q")
     (tmp_path / "a.txt").write_text("1")
-    sh(tmp_path, *GIT, "add", "a.txt")
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "m.json").write_text("{}")
+    sh(tmp_path, *GIT, "add", "a.txt", "metrics")
     sh(tmp_path, *GIT, "commit", "-q", "-m", "a")
     head = sh(tmp_path, "git", "rev-parse", "HEAD")
-    assert provenance.git_state(tmp_path) == {"commit": head, "dirty": False}
+    assert provenance.git_state(tmp_path) == {"commit": head, "dirty": False, "changed": 0}
     (tmp_path / "untracked.bin").write_text("x")  # DVC outputs are untracked: not dirty
+    (tmp_path / "metrics" / "m.json").write_text('{"a": 1}')  # a pipeline output: not dirty
     assert provenance.git_state(tmp_path)["dirty"] is False
     (tmp_path / "a.txt").write_text("2")
-    assert provenance.git_state(tmp_path) == {"commit": head, "dirty": True}
+    assert provenance.git_state(tmp_path) == {"commit": head, "dirty": True, "changed": 1}
 
 
 @pytest.fixture
@@ -60,6 +63,7 @@ def dvc_repo(tmp_path: Path) -> Path:
     return repo
 
 
+@pytest.mark.slow
 def test_lock_entries_by_dvc_address(dvc_repo):
     entry = provenance.lock_entry("gen@b", dvc_repo)
     assert entry is not None and "out_b.txt" in entry["cmd"]
@@ -75,6 +79,7 @@ def test_lock_entries_by_dvc_address(dvc_repo):
         {"gen": {"n": 2, "names": ["p", "q"]}})}
 
 
+@pytest.mark.slow
 def test_workspace_hashes_equal_what_dvc_lock_records(dvc_repo, monkeypatch):
     """The hashes DVC computes now are the ones it writes to dvc.lock: the reason the
     tracker can tag them while a stage runs, before DVC writes the lock."""

@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -32,10 +33,20 @@ CFG = TrackingConfig(experiment="pcgpt-test", registered_model="pcgpt-test",
                      flush_interval_s=0.2)
 
 
+@pytest.fixture(scope="module")
+def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An MLflow SQLite database with its schema and nothing else, made once: creating the
+    schema (MLflow's migrations) takes seconds on a busy 2-core box, copying it milliseconds."""
+    db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()
+    return db
+
+
 @pytest.fixture
-def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> MlflowClient:
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, empty_store: Path) -> MlflowClient:
     """A fresh SQLite store; the cwd is tmp_path (as the repo root is under DVC)."""
     monkeypatch.chdir(tmp_path)
+    shutil.copyfile(empty_store, tmp_path / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     for var in ("DVC_STAGE", tracking.ENV_PARENT_RUN_ID, tracking.ENV_PREFECT_FLOW_RUN_ID):
         monkeypatch.delenv(var, raising=False)
@@ -115,6 +126,8 @@ def test_stage_run_records_params_stepped_metrics_tags_and_artifacts(store, tmp_
     exp = store.get_experiment_by_name(CFG.experiment)
     assert exp.artifact_location == (tmp_path / "mlartifacts").as_uri()
     assert (tmp_path / "mlartifacts").is_dir()
+    # MLflow 3's UI opens it on its training runs, not on the GenAI overview.
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
 
     parent = store.get_run(tr.parent_run_id)
     assert parent.data.tags["pcgpt.kind"] == "pipeline"
@@ -162,6 +175,33 @@ def test_disabled_tracking_is_the_null_tracker(tmp_path, monkeypatch):
     assert not (tmp_path / "mlflow.db").exists()
 
 
+def test_an_existing_experiment_without_a_kind_gets_one_and_a_chosen_kind_is_kept(store):
+    store.create_experiment("old")
+    store.create_experiment("genai", tags={"mlflow.experimentKind": "genai_development"})
+    for name in ("old", "genai"):
+        with tracking.stage_run("s", config=dataclasses.replace(CFG, experiment=name)):
+            pass
+    assert store.get_experiment_by_name("old").tags["mlflow.experimentKind"] == "custom_model_development"
+    assert store.get_experiment_by_name("genai").tags["mlflow.experimentKind"] == "genai_development"
+
+
+@pytest.mark.slow
+def test_disabled_tracking_never_imports_mlflow(tmp_path):
+    """A stage run with `tracking.enabled: false` works where MLflow is not even imported."""
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"tracking": {"enabled": False}}))
+    code = textwrap.dedent("""\
+        import sys
+        from pipeline import tracking
+        with tracking.stage_run("s", params={"a": 1}) as tr:
+            tr.log_metrics({"m": 1.0}, step=0)
+            tr.log_pyfunc_model("model.py", {}, "m", "m", signature=lambda: 1 / 0)
+        assert "mlflow" not in sys.modules, sorted(m for m in sys.modules if "mlflow" in m)
+        """)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def test_config_is_loaded_from_params_yaml_and_validated(tmp_path, monkeypatch):
     from pipeline.params import ParamsError, load_section
 
@@ -174,8 +214,6 @@ def test_config_is_loaded_from_params_yaml_and_validated(tmp_path, monkeypatch):
     Path("params.yaml").write_text(yaml.safe_dump({"tracking": {"flush_interval_s": 0}}))
     with pytest.raises(ParamsError, match="flush_interval_s"):
         load_section(TrackingConfig, "tracking")
-    # The repository's own params.yaml has a valid section.
-    load_section(TrackingConfig, "tracking", path=ROOT / "params.yaml")
 
 
 def test_unreachable_uri_warns_once_and_the_block_completes_fast(tmp_path, monkeypatch, caplog):
@@ -227,6 +265,7 @@ def mlflow_server(tmp_path: Path):
         proc.wait()
 
 
+@pytest.mark.slow
 def test_server_dying_mid_run_is_one_warning_not_a_crash(mlflow_server, tmp_path, monkeypatch,
                                                          caplog):
     url, proc = mlflow_server
@@ -310,6 +349,7 @@ STAGE_SCRIPT = textwrap.dedent("""\
     """)
 
 
+@pytest.mark.slow
 def test_stages_of_one_dvc_repro_share_a_parent(project):
     """Real `dvc repro` (a plain and a foreach stage): one parent per execution."""
     (project.path / "track_probe.py").write_text(STAGE_SCRIPT)
@@ -354,6 +394,7 @@ def test_stages_of_one_dvc_repro_share_a_parent(project):
     assert len(parents) == 2
 
 
+@pytest.mark.slow
 def test_stages_started_at_once_under_one_pipeline_process_share_one_parent(tmp_path):
     """Three stage processes start together under one `dvc`-named launcher process, on
     a store that does not exist yet: one parent, created once (no race)."""
@@ -385,18 +426,16 @@ def test_stages_started_at_once_under_one_pipeline_process_share_one_parent(tmp_
     assert sorted(c.info.run_name for c in children) == ["s0", "s1", "s2"]
 
 
-def test_log_metrics_costs_microseconds(store):
-    """The per-step cost is an append to a deque; the store write happens elsewhere."""
-    with tracking.stage_run("bench", config=CFG) as tr:
+def test_every_queued_step_reaches_the_store(store):
+    """log_metrics only queues; the background thread sends every step, none lost or merged.
+    (Its cost in the training loop is a benchmark number: tests/bench/bench_pretrain.py.)"""
+    with tracking.stage_run("many", config=CFG) as tr:
         n = 2000
-        t0 = time.perf_counter()
         for step in range(n):
-            tr.log_metrics({"train/loss": 1.0, "perf/step_ms": 2.0, "perf/tok_per_s": 3.0},
+            tr.log_metrics({"train/loss": 1.0, "perf/step_ms": 2.0, "perf/tok_per_s": float(step)},
                            step=step)
-        per_call = (time.perf_counter() - t0) / n
-    assert len(store.get_metric_history(tr.run_id, "perf/tok_per_s")) == n
-    # 1% of a 10 ms GPU step is 100 us; leave a wide margin for a loaded CI box.
-    assert per_call < 50e-6, f"log_metrics took {per_call * 1e6:.1f} us per call"
+    history = store.get_metric_history(tr.run_id, "perf/tok_per_s")
+    assert sorted((m.step, m.value) for m in history) == [(s, float(s)) for s in range(n)]
 
 
 def test_tensor_metrics_are_read_back_exactly_with_their_steps(store):

@@ -17,7 +17,7 @@ import numpy as np
 import yaml
 
 from pipeline.io import sha256_file, write_json
-from stages.tokenizer import tokenizer_to_json, train_char
+from pipeline.tokenizer import tokenizer_to_json, train_char
 
 ROOT = Path(__file__).resolve().parents[2]
 WORDS = ("the king and queen of love hath sworn to speak no more than truth my lord "

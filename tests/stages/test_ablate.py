@@ -10,40 +10,52 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from pipeline.metrics import read_run_metrics
 from pipeline.params import ParamsError
-from stages.ablate import item_config, load_ablation
-from tests.conftest import ROOT
+from stages.ablate import check_params, item_config, load_ablation
 
-PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
+# A small grid of this test's own (the shipped params.yaml grid is a setting, not a contract).
+PARAMS = {
+    "seed": 5,
+    "model": {"block_size": 32, "n_layer": 2, "n_head": 2, "n_embd": 32},
+    "pc": {"algorithm": "bp"},
+    "train": {"steps": 20, "micro_batch": 4},
+    "runs": {"baseline": {},
+             "pcgpt": {"model": {"attention": {"kernel": "gaussian", "precision": "head"}},
+                       "pc": {"algorithm": "pc", "settle_steps": 2, "state_lr": 1.0, "precision": "layer"}}},
+    "ablation": {
+        "base": "pcgpt",
+        "seeds": [0, 1, 2],
+        "scale": {"model": {"n_embd": 16}, "train": {"steps": 8}},
+        "variants": {
+            "pcgpt": {"question": "control"},
+            "bp": {"question": "control", "override": {"pc": {"algorithm": "bp", "settle_steps": 0},
+                                                       "model": {"attention": {"kernel": "dot",
+                                                                               "precision": "fixed"}}}},
+            "err_prec_fixed": {"question": "precision", "override": {"pc": {"precision": "fixed"}}},
+            "attn_laplace": {"question": "distribution", "override": {"model": {"attention": {"kernel": "laplace"}}}},
+            "settle_T1": {"question": "settling", "override": {"pc": {"settle_steps": 1}}},
+            "settle_T4": {"question": "settling", "override": {"pc": {"settle_steps": 4}}},
+            "attn_settle_2": {"question": "settling", "eval": {"attn_settle_steps": 2}},
+        },
+    },
+}
 
 
-def test_default_grid_covers_the_four_questions_one_factor_each():
+def test_items_run_at_the_grid_scale_and_change_one_factor_each():
     abl = load_ablation(PARAMS)
-    questions = {v.question for v in abl.variants.values()}
-    assert questions == {"control", "precision", "distribution", "pathway", "settling"}
-    assert len(abl.seeds) >= 2
-    base = item_config(PARAMS, abl, abl.base, abl.seeds[0])
+    base = item_config(PARAMS, abl, abl.base, 1)
+    assert base.seed == 1 and base.model.n_embd == 16 and base.train.steps == 8  # the grid's scale
+    assert base.model.n_layer == 2 and base.pc.algorithm == "pc"                  # the base run
     for name, v in abl.variants.items():
-        cfg = item_config(PARAMS, abl, name, abl.seeds[0])
-        assert cfg.seed == abl.seeds[0]
-        # every item runs at the grid's scale
-        assert cfg.model["n_layer"] == abl.scale["model"]["n_layer"]
-        assert cfg.train.steps == abl.scale["train"]["steps"]
-        if name == "bp" or not v.override:
-            continue
-        # exactly the overridden keys differ from the base (one factor per variant)
-        for section, keys in v.override.items():
-            base_sec = base.model if section == "model" else vars(getattr(base, section))
-            item_sec = cfg.model if section == "model" else vars(getattr(cfg, section))
-            assert base_sec != item_sec, name
-            for key in set(base_sec) - set(keys):
-                assert base_sec[key] == item_sec[key], (name, key)
-    settle = sorted(item_config(PARAMS, abl, n, 0).pc.settle_steps
-                    for n, v in abl.variants.items() if n.startswith("settle_T") or n == abl.base)
-    assert settle == [0, 1, 2, 4, 8]
-    test_time = sorted(v.eval.attn_settle_steps for v in abl.variants.values()
-                       if v.eval.attn_settle_steps is not None)
-    assert test_time == [1, 4]
+        cfg = item_config(PARAMS, abl, name, 1)
+        a, b = cfg.to_params(), base.to_params()
+        changed = {f"{sec}.{k}" for sec in ("model", "pc", "train") for k in a[sec] if a[sec][k] != b[sec][k]}
+        overridden = {f"{sec}.{k}" for sec, keys in v.override.items() for k in keys}
+        assert changed == overridden, name  # exactly the overridden keys differ from the base
+    assert item_config(PARAMS, abl, "settle_T4", 0).pc.settle_steps == 4
+    assert item_config(PARAMS, abl, "attn_settle_2", 0).to_params() == item_config(PARAMS, abl, "pcgpt", 0).to_params()
+    assert abl.variants["attn_settle_2"].eval.attn_settle_steps == 2
 
 
 @pytest.mark.parametrize("patch, message", [
@@ -63,9 +75,18 @@ def test_bad_ablation_params_name_the_key(patch, message):
     params = json.loads(json.dumps(PARAMS))
     params["ablation"].update(patch)
     with pytest.raises(ParamsError, match=re.escape(message)):
-        abl = load_ablation(params)
-        for name in abl.variants:
-            item_config(params, abl, name, abl.seeds[0])
+        check_params(params)
+
+
+def test_every_broken_variant_is_named_at_once():
+    params = json.loads(json.dumps(PARAMS))
+    params["ablation"]["variants"]["settle_T1"]["override"]["pc"]["settle_steps"] = -1
+    params["ablation"]["variants"]["attn_laplace"]["override"]["model"]["attention"]["kernel"] = "laplce"
+    with pytest.raises(ParamsError) as e:
+        check_params(params)
+    assert len(e.value.problems) == 2
+    assert "after merging ablation.variants.settle_T1" in e.value.problems[1]
+    assert "model.attention.kernel='laplce'" in e.value.problems[0]
 
 
 # -- the whole pipeline, end to end ----------------------------------------------------
@@ -115,14 +136,14 @@ def test_whole_pipeline_repro_then_noop_then_only_new_variant(project):
         for out in entry.get("outs", []):
             assert (p / out["path"]).exists(), (stage, out["path"])
     for item in items:
-        m = json.loads((p / f"metrics/ablate/{item.split('@')[1]}.json").read_text())
+        m = read_run_metrics(p / f"metrics/ablate/{item.split('@')[1]}.json")
         assert m["step"] == 8 and math.isfinite(m["val/loss"])
         assert m["question"] == GRID["variants"][m["variant"]]["question"]
-    settle = json.loads((p / "metrics/ablate/settle_T1-0.json").read_text())
+    settle = read_run_metrics(p / "metrics/ablate/settle_T1-0.json")
     assert settle["override"] == {"pc.settle_steps": 1} and settle["pc/settle_steps"] == 1
-    test_time = json.loads((p / "metrics/ablate/attn_settle_1-0.json").read_text())
+    test_time = read_run_metrics(p / "metrics/ablate/attn_settle_1-0.json")
     assert test_time["override"] == {"eval.attn_settle_steps": 1}
-    base = json.loads((p / "metrics/ablate/pcgpt-0.json").read_text())
+    base = read_run_metrics(p / "metrics/ablate/pcgpt-0.json")
     assert test_time["train/loss"] == base["train/loss"]  # trained exactly like the base
     for f in ("report.md", "report.html", "results.csv", "results.parquet"):
         assert (p / "reports" / f).stat().st_size > 0, f

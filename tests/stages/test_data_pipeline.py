@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.conftest import SHARED_DATA
+from tests.conftest import SHAKESPEARE
 
 pytestmark = pytest.mark.slow
 TARGETS = ("download", "tokenizer")
@@ -19,7 +19,7 @@ def ran(proc) -> set[str]:
 
 
 def test_repro_local_source_then_noop_then_only_tokenizer(project):
-    text = (SHARED_DATA / "tinyshakespeare.txt").read_text()[:120_000]
+    text = SHAKESPEARE.read_text()[:120_000]
     (project.path / "corpus").mkdir()
     for i in range(6):
         (project.path / "corpus" / f"part{i}.txt").write_text(text[i * 20_000:(i + 1) * 20_000])

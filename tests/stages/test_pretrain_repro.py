@@ -3,11 +3,14 @@ git+DVC copy, then the MLflow SQLite store read back through MLflow's client."""
 
 from __future__ import annotations
 
-import json
+from pathlib import Path
 
 import mlflow
+import mlflow.artifacts
 import pytest
 from mlflow.tracking import MlflowClient
+
+from pipeline.metrics import read_run_metrics
 
 pytestmark = pytest.mark.slow
 RUNS = ("baseline", "pcgpt")
@@ -28,7 +31,7 @@ def test_repro_trains_both_runs_and_tracks_them_in_mlflow(project):
         assert f"Running stage '{stage}'" in proc.stdout, stage
     p, params = project.path, project.params
     for run in RUNS:
-        m = json.loads((p / f"metrics/pretrain/{run}.json").read_text())
+        m = read_run_metrics(p / f"metrics/pretrain/{run}.json")
         assert m["run"] == run and m["step"] == 20
         assert (p / f"models/{run}/model.safetensors").is_file()
         assert len((p / f"metrics/pretrain/{run}_curve.tsv").read_text().splitlines()) == 3
@@ -59,12 +62,18 @@ def test_repro_trains_both_runs_and_tracks_them_in_mlflow(project):
         assert sorted({h.step for h in history}) == [5, 10, 15, 20]
         assert sorted(h.step for h in client.get_metric_history(child.info.run_id, "val/bpb")) == [10, 20]
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
-        assert {"meta.json", f"{run}.json", f"{run}_curve.tsv", f"{run}_samples.json",
-                f"{run}_attention.json"} <= artifacts, artifacts
+        assert {"meta.json", f"{run}.json", f"{run}_details.json", f"{run}_curve.tsv",
+                f"{run}_samples.json", f"{run}_attention.json"} <= artifacts, artifacts
 
     name = f"{params['tracking']['registered_model']}-baseline"
     mlflow.set_tracking_uri(project.env["MLFLOW_TRACKING_URI"])
     model = mlflow.pyfunc.load_model(f"models:/{name}@{params['tracking']['model_alias']}")
+    # the registered model ships only the model package, the tokenizer library and the loader
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@{params['tracking']['model_alias']}"))
+    code = sorted(str(p.relative_to(local / "code")) for p in (local / "code").rglob("*.py"))
+    assert [c for c in code if not c.startswith("model/")] == [
+        "pipeline/__init__.py", "pipeline/model_dir.py", "pipeline/tokenizer.py"], code
+    assert "model/gpt.py" in code and (local / "pyfunc.py").is_file()  # the model's own code
     out = model.predict(["a"], params={"max_new_tokens": 5, "seed": 1})
     again = model.predict(["a"], params={"max_new_tokens": 5, "seed": 1})
     assert len(out) == 1 and out[0].startswith("a") and len(out[0]) > 1 and out == again

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +18,10 @@ import tiktoken
 import yaml
 
 from pipeline.params import ParamsError, build
+from pipeline import tokenizer as lib
 from stages import tokenizer as T
-from stages.data_config import DataConfig
-from tests.conftest import ROOT, SHARED_DATA
+from stages.data_config import DataConfig, TokenizerConfig
+from tests.conftest import ROOT, SHAKESPEARE
 from tests.stages.test_download import run_main
 
 
@@ -40,8 +44,8 @@ def write_docs(raw_dir: Path, source: str, docs: list[tuple[str, str]]) -> None:
 
 @pytest.fixture(scope="module")
 def speeches() -> list[tuple[str, str]]:
-    """~200 KB of tinyshakespeare as 40 documents."""
-    text = (SHARED_DATA / "tinyshakespeare.txt").read_text()[:200_000]
+    """~200 KB of Shakespeare (tests/data) as 40 documents."""
+    text = SHAKESPEARE.read_text()
     parts = text.split("\n\n")
     k = len(parts) // 40
     return [(f"part{i:02d}", "\n\n".join(parts[i * k:(i + 1) * k])) for i in range(40)]
@@ -50,7 +54,7 @@ def speeches() -> list[tuple[str, str]]:
 def stage_cfg(tmp_path: Path, source: str = "corpus", **tok) -> T.TokenizerStage:
     data = build(DataConfig, {"source": source, "raw_dir": str(tmp_path / "raw"), "val_fraction": 0.1,
                               "catalog": {source: {"kind": "local", "path": "unused"}}}, "data")
-    tc = build(T.TokenizerConfig, {"dir": str(tmp_path / "tokenizer"), "tokens_dir": str(tmp_path / "tokens"),
+    tc = build(TokenizerConfig, {"dir": str(tmp_path / "tokenizer"), "tokens_dir": str(tmp_path / "tokens"),
                                    "metrics_file": str(tmp_path / "metrics" / "tokenizer.json"), **tok},
                "tokenizer")
     return T.TokenizerStage(data=data, tokenizer=tc)
@@ -66,7 +70,7 @@ def test_bpe_stage_outputs_and_meta(tmp_path, speeches):
     cfg = stage_cfg(tmp_path, vocab_size=512)
     metrics = T.run(cfg, seed=0, progress=False)
     meta = json.loads((tmp_path / "tokens" / "meta.json").read_text())
-    tok = T.load_tokenizer(tmp_path / "tokenizer")
+    tok = lib.load_tokenizer(tmp_path / "tokenizer")
     assert tok.n_vocab == meta["vocab_size"] == metrics["vocab_size"] == 512
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (509, 510, 511) == (meta["bos_id"], meta["eos_id"], meta["pad_id"])
     assert meta["dtype"] == "uint16" and meta["kind"] == "bpe"
@@ -93,7 +97,7 @@ def test_bpe_stage_outputs_and_meta(tmp_path, speeches):
 def test_bpe_round_trips_random_unicode(tmp_path, speeches):
     write_docs(tmp_path / "raw", "corpus", speeches)
     T.run(stage_cfg(tmp_path, vocab_size=400), seed=0, progress=False)
-    tok = T.load_tokenizer(tmp_path / "tokenizer")
+    tok = lib.load_tokenizer(tmp_path / "tokenizer")
     rng = random.Random(0)
     for _ in range(50):
         s = random_unicode(rng, rng.randint(0, 200))
@@ -129,9 +133,9 @@ def test_tiktoken_rebuilt_from_the_file_alone_encodes_identically(tmp_path, spee
     assert read_shard(tmp_path / "tokens", "val").tolist() == expected
     # and a freshly trained tokenizer (same inputs) agrees with the one from disk
     train_texts = [t for i, t in speeches if i not in set(meta["split"]["val_doc_ids"])]
-    fresh = T.train_bpe(train_texts, 512, T.SPLIT_PATTERNS["gpt4"], "fresh")
+    fresh = lib.train_bpe(train_texts, 512, lib.SPLIT_PATTERNS["gpt4"], "fresh")
     probe = val_texts[0] + random_unicode(random.Random(1), 300)
-    assert fresh.encode(probe) == enc.encode_ordinary(probe) == T.load_tokenizer(tmp_path / "tokenizer").encode(probe)
+    assert fresh.encode(probe) == enc.encode_ordinary(probe) == lib.load_tokenizer(tmp_path / "tokenizer").encode(probe)
 
 
 def test_char_tokenizer_with_byte_fallback(tmp_path):
@@ -139,7 +143,7 @@ def test_char_tokenizer_with_byte_fallback(tmp_path):
     docs = [(f"d{i}", "abc ünï\r\n" * (i + 1) + chr(0x4E00 + i)) for i in range(10)]
     write_docs(tmp_path / "raw", "corpus", docs)
     T.run(stage_cfg(tmp_path, kind="char"), seed=0, progress=False)
-    tok = T.load_tokenizer(tmp_path / "tokenizer")
+    tok = lib.load_tokenizer(tmp_path / "tokenizer")
     meta = json.loads((tmp_path / "tokens" / "meta.json").read_text())
     assert tok.kind == "char" and meta["kind"] == "char" and meta["vocab_size"] == tok.n_vocab
     assert tok.n_vocab == len(set("abc ünï\r\n")) + 9 + 256 + 3  # 9 train docs, 1 val doc
@@ -174,20 +178,38 @@ def test_split_is_deterministic_and_by_doc_id():
     shuffled = ids[::-1]
     assert {d for d, v in zip(shuffled, T.split_val(shuffled, 0.1)) if v} == {d for d, v in zip(ids, mask) if v}
     assert T.split_val(["a", "b"], 0.01).sum() == 1  # at least one val document
-    with pytest.raises(T.TokenizerError, match="at least 2"):
+    with pytest.raises(lib.TokenizerError, match="at least 2"):
         T.split_val(["only"], 0.1)
 
 
 def test_bad_tokenizer_params(tmp_path):
     with pytest.raises(ParamsError, match="tokenizer.vocab_sise: unknown key"):
-        build(T.TokenizerConfig, {"vocab_sise": 100}, "tokenizer")
+        build(TokenizerConfig, {"vocab_sise": 100}, "tokenizer")
     with pytest.raises(ParamsError, match="tokenizer.kind: 'wordpiece' is not allowed"):
-        build(T.TokenizerConfig, {"kind": "wordpiece"}, "tokenizer")
-    with pytest.raises(ParamsError, match=r"tokenizer: vocab_size: must be in \[259"):
-        build(T.TokenizerConfig, {"vocab_size": 100}, "tokenizer")
-    # through the real entry point: one line, nothing written
+        build(TokenizerConfig, {"kind": "wordpiece"}, "tokenizer")
+    with pytest.raises(ParamsError, match=r"tokenizer.vocab_size: must be in \[259"):
+        build(TokenizerConfig, {"vocab_size": 100}, "tokenizer")
+
+
+@pytest.mark.slow
+def test_bad_tokenizer_params_through_the_entry_point(tmp_path):
+    """One line, nothing written."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["tokenizer"]["vocab_size"] = "2048"
     proc = run_main(tmp_path, params, module="stages.tokenizer")
     assert proc.returncode != 0 and "tokenizer.vocab_size: expected an integer" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+@pytest.mark.slow
+def test_char_stage_never_imports_rustbpe(tmp_path, speeches):
+    write_docs(tmp_path / "data/raw", "corpus", speeches[:6])
+    params = {"data": {"source": "corpus", "catalog": {"corpus": {"kind": "local", "path": "unused"}}},
+              "tokenizer": {"kind": "char"}, "tracking": {"enabled": False}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    code = ("import sys\nfrom stages.tokenizer import main\nmain()\n"
+            "assert 'rustbpe' not in sys.modules\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "data/tokens/meta.json").read_text())["kind"] == "char"

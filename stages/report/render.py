@@ -1,6 +1,6 @@
 """The report as a document model, rendered to Markdown and to self-contained HTML.
 
-`stages.report` builds a list of blocks (headings, paragraphs, tables, figures,
+`stages.report.document` builds a list of blocks (headings, paragraphs, tables, figures,
 notes, samples) from the stage metrics; this module turns that one list into
 both `report.md` and `report.html`. Neither output is ever parsed back: the
 Markdown is a rendering, not a source (STYLE.md, "report code that writes

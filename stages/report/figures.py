@@ -22,9 +22,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from stages.report_render import Figure  # noqa: E402
+from stages.report.render import Figure  # noqa: E402
 
-DPI = 150  # the HTML shows figures at 100 px/inch (report_render.HIDPI_SCALE)
+DPI = 150  # the HTML shows figures at 100 px/inch (render.HIDPI_SCALE)
 COLORS = {"baseline": "#3b6ea8", "pcgpt": "#d9822b"}
 KIND_COLORS = {"better": "#1f7a5a", "worse": "#c0492f", "neutral": "#9aa3ab", "na": "#c9ced3"}
 KIND_LABELS = {"better": "better than reference", "worse": "worse than reference",

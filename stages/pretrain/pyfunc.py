@@ -1,21 +1,23 @@
 """The MLflow pyfunc wrapper of a pretrained model: prompt strings in, completions out.
 
-Logged by the `pretrain` stage with two artifacts, `model_dir` (model.safetensors
-+ meta.json) and `tokenizer_dir` (data/tokenizer/), and with `model/` and
-`stages/` as code paths. Load it back and generate:
+Logged by the `pretrain` stage as a model from code (MLflow stores this file and runs
+it to load the model, so the stage never imports it, nor MLflow when tracking is off),
+with two artifacts, `model_dir` (model.safetensors + meta.json) and `tokenizer_dir`
+(data/tokenizer/). It imports only what ships with it (outputs.SHIPPED): `model/`,
+`pipeline/tokenizer.py` and `pipeline/model_dir.py`. Load it back and generate:
 
     import mlflow
-    m = mlflow.pyfunc.load_model("models:/pcgpt-baseline@latest")
+    m = mlflow.pyfunc.load_model("models:/pcgpt-baseline@newest")
     m.predict(["ROMEO:"], params={"max_new_tokens": 32, "temperature": 0.8, "seed": 0})
     # -> ["ROMEO:<completion>"]
 """
 
 from __future__ import annotations
 
-import json
 import warnings
-from pathlib import Path
+
 import mlflow.pyfunc
+from mlflow.models import set_model
 
 # predict() has no type hints on purpose (the signature below validates instead), so
 # MLflow's suggestion to add them is noise in every stage log.
@@ -37,17 +39,11 @@ class GPTGenerator(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         import torch
-        from safetensors.torch import load_file
 
-        from model.config import GPTConfig
-        from model.pc import build_model
-        from stages.tokenizer import load_tokenizer
+        from pipeline.model_dir import load_model
+        from pipeline.tokenizer import load_tokenizer
 
-        model_dir = Path(context.artifacts["model_dir"])
-        meta = json.loads((model_dir / "meta.json").read_text(encoding="utf-8"))
-        self.model = build_model(GPTConfig(**meta["model"]))
-        self.model.load_state_dict(load_file(str(model_dir / "model.safetensors")))
-        self.model.eval()
+        self.model, _ = load_model(context.artifacts["model_dir"])
         self.tokenizer = load_tokenizer(context.artifacts["tokenizer_dir"])
         torch.set_grad_enabled(False)
 
@@ -71,3 +67,6 @@ class GPTGenerator(mlflow.pyfunc.PythonModel):
                        temperature=float(p["temperature"]), top_k=int(p["top_k"]) or None,
                        generator=gen)
         return [s + tok.decode(o) for s, o in zip(prompts, out)]
+
+
+set_model(GPTGenerator())  # what MLflow loads from this file

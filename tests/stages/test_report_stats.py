@@ -1,0 +1,67 @@
+"""stages/report/stats.py: intervals, Welch differences and verdicts against reference values
+(statistics tables and scipy), no files."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as sps
+
+from stages.report import stats
+
+
+def test_t_critical_values_match_the_table():
+    # Two-sided 95% Student-t critical values from any statistics table.
+    for df, t in [(1, 12.706), (2, 4.303), (4, 2.776), (10, 2.228), (30, 2.042)]:
+        assert stats.t_critical(0.95, df) == pytest.approx(t, abs=1e-3)
+    assert stats.t_critical(0.90, 4) == pytest.approx(2.132, abs=1e-3)
+
+
+def test_mean_ci_and_welch_against_scipy():
+    x = [3.0, 3.2, 3.4]
+    ci = stats.mean_ci(x, 0.95)
+    assert ci.mean == pytest.approx(3.2) and ci.sd == pytest.approx(0.2)
+    assert ci.half == pytest.approx(4.302653 * 0.2 / math.sqrt(3), rel=1e-6)
+    lo, hi = sps.t.interval(0.95, 2, loc=3.2, scale=sps.sem(x))
+    assert (ci.lo, ci.hi) == pytest.approx((lo, hi))
+
+    a, b = [2.1, 2.5, 2.2, 2.9], [3.0, 3.6, 2.7]
+    d = stats.welch_diff(stats.mean_ci(a, 0.95), stats.mean_ci(b, 0.95), 0.95)
+    ref = sps.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    assert d.estimate == pytest.approx(np.mean(a) - np.mean(b))
+    assert (d.lo, d.hi) == pytest.approx((ref.low, ref.high))
+
+    one = stats.mean_ci([3.0], 0.95)
+    assert one.half is None and one.lo is None
+    d1 = stats.welch_diff(one, ci, 0.95)
+    assert d1.lo is None and stats.verdict(d1, "val/loss", "pcgpt") == ("1 seed: no interval", "na")
+
+
+def test_verdict_claims_only_what_the_interval_supports():
+    v = stats.verdict
+    assert v(stats.Diff(-0.1, -0.2, -0.01, 4), "val/loss", "pcgpt") == \
+        ("lower val loss than pcgpt (better)", "better")
+    assert v(stats.Diff(0.1, 0.01, 0.2, 4), "val/loss", "pcgpt") == \
+        ("higher val loss than pcgpt (worse)", "worse")
+    assert v(stats.Diff(0.1, -0.01, 0.2, 4), "val/loss", "pcgpt") == ("no detectable difference", "neutral")
+    # Higher accuracy is better: the direction follows the metric.
+    assert v(stats.Diff(0.02, 0.01, 0.03, 4), "val/acc", "pcgpt") == \
+        ("higher val accuracy than pcgpt (better)", "better")
+
+
+def test_summary_per_variant_against_the_reference():
+    runs = pd.DataFrame({
+        "variant": ["ref"] * 3 + ["worse"] * 3 + ["one"],
+        "seed": [0, 1, 2] * 2 + [0], "question": ["control"] * 3 + ["precision"] * 4,
+        "description": ["r"] * 3 + ["w"] * 3 + ["o"], "override": ["{}"] * 7,
+        "val/loss": [3.00, 3.02, 2.98, 3.10, 3.12, 3.08, 3.5], "val/acc": [0.5] * 7,
+        "perf/step_ms": [10.0] * 7})
+    summ = stats.summarize_ablation(runs, "val/loss", ["val/acc"], "ref", 0.95)
+    assert list(summ) == ["ref", "worse", "one"]
+    assert summ["ref"].verdict == "reference" and summ["ref"].diff is None
+    assert summ["worse"].kind == "worse" and summ["worse"].diff.estimate == pytest.approx(0.1)
+    assert summ["one"].verdict == "1 seed: no interval" and summ["one"].seeds == [0]
+    assert "pc/settle_steps" not in summ["ref"].stats  # only metrics the runs report
