@@ -273,11 +273,15 @@ def raise_for(stage: str, res: DvcResult, what: str = "dvc repro") -> None:
     if res.code == 0:
         return
     text = "\n".join(res.tail)
-    last = next((ln for ln in reversed(res.tail) if ln.strip()), "")
+    lines = [ln.strip() for ln in res.tail if ln.strip()]
+    last = lines[-1] if lines else ""
     if _LOCK_ERROR.search(text):
         raise StageLockError(f"{stage}: {what} could not take a DVC lock held by another "
                              f"process ({last}); retrying")
-    raise StageFailed(f"{stage}: {what} exited {res.code}: {last}")
+    # DVC's own last line says only that the command failed; the line before it is the stage's
+    own = [ln for ln in lines if not ln.startswith("ERROR: failed to reproduce")]
+    why = f"{last}; last output: {own[-1]}" if own and own[-1] != last else last
+    raise StageFailed(f"{stage}: {what} exited {res.code}: {why}")
 
 
 def stage_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -491,11 +495,12 @@ def _slot_limit() -> int:
                              f"`python -m pipeline.flows setup` on this host first") from None
 
 
-def run_dag(plan: Plan, submit: Callable[[str], Any], log) -> dict[str, dict[str, Any]]:
-    """Submit each stage once its upstream stages have completed; a failed stage's downstream
-    stages are not run. Returns one row per stage, in DAG order."""
+def run_dag(plan: Plan, submit: Callable[[str, list], Any], log) -> dict[str, dict[str, Any]]:
+    """Submit each stage once its upstream stages have completed (`submit(name, upstream
+    futures)`: passed as `wait_for`, they draw DVC's edges in the UI's run graph); a failed
+    stage's downstream stages are not run. Returns one row per stage, in DAG order."""
     rows: dict[str, dict[str, Any]] = {}
-    waiting, running = list(plan.order), {}
+    waiting, running, futures = list(plan.order), {}, {}
     while waiting or running:
         for name in list(waiting):
             ups = plan.dag[name].upstream
@@ -503,7 +508,8 @@ def run_dag(plan: Plan, submit: Callable[[str], Any], log) -> dict[str, dict[str
                 rows[name] = {"stage": name, "status": "not run (upstream failed)"}
                 waiting.remove(name)
             elif all(u in rows for u in ups):
-                running[submit(name)] = name
+                futures[name] = submit(name, [futures[u] for u in ups])
+                running[futures[name]] = name
                 waiting.remove(name)
         if not running:
             continue
@@ -709,16 +715,16 @@ def pcgpt(targets: list[str] | None = None, force: bool = False,
                                              "pcgpt.overrides": " ".join(overrides) or None}) as parent:
                 extra[tracking.ENV_PARENT_RUN_ID] = parent.run_id or ""
 
-                def submit(name: str):
+                def submit(name: str, upstream: list):
                     st = plan.dag[name]
                     if dispatched(st, distribute):
                         params = {"commit": plan.commit, "overrides": overrides, "force": force,
                                   "upstream_lock": {u: provenance.lock_entry(u, root) for u in st.upstream},
                                   "parent_run_id": parent.run_id, "pipeline_flow_run_id": run_id,
                                   "pipeline_flow_run_url": url}
-                        return dispatch_stage.submit(name, params, str(root), extra)
+                        return dispatch_stage.submit(name, params, str(root), extra, wait_for=upstream)
                     return run_stage.submit(name, st.gpu, force, plan.devices, str(root),
-                                            push=distribute, extra_env=extra)
+                                            push=distribute, extra_env=extra, wait_for=upstream)
 
                 try:
                     rows = run_dag(plan, submit, logger.error)

@@ -184,7 +184,7 @@ class Workspace(Project):
         base = yaml.safe_load((path / "params.yaml").read_text())
         base = deep_merge({k: v for k, v in base.items() if k != "ablation"},
                           {**TINY, "ablation": {**base["ablation"], **TINY_GRID}})
-        ws.set_params(deep_merge(base, params or {}))
+        ws.set_params(deep_merge(base, params or {}), replace=("ablation",))
         ws.run("git", "init", "-q")
         ws.dvc("init", "-q")
         ws.dvc("config", "core.analytics", "false")
