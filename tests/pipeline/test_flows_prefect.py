@@ -389,7 +389,7 @@ def test_a_dvc_lock_held_elsewhere_is_retried(server, tmp_path, clean_exit):
 
 # --------------------------------------------------------------------------- crashes
 
-LONG = {"train": {"steps": 2000, "eval_every": 1000, "save_every": 25, "log_every": 25}}
+LONG = {"train": {"steps": 600, "eval_every": 300, "save_every": 20, "log_every": 20}}
 
 
 def test_cancel_mid_pretrain_then_rerun_resumes_to_the_same_metrics(server, tmp_path, clean_exit):
@@ -403,20 +403,25 @@ def test_cancel_mid_pretrain_then_rerun_resumes_to_the_same_metrics(server, tmp_
     try:
         run = run_deployment(server, "pcgpt/adhoc", {"targets": ["pretrain@pcgpt"]})
         wait_for("a pretrain checkpoint", lambda: ckpt.is_dir() and any(ckpt.iterdir()), 300)
+        t0 = time.monotonic()
         with server.settings(), server.client() as c:
             c.set_flow_run_state(run.id, Cancelling(message="cancelled by the test"))
         run = wait_final(server, run.id, 120, ws.workers)
+        print(f"\ncancel -> {run.state.name} in {time.monotonic() - t0:.1f} s")
         assert run.state.is_cancelled(), run.state
         left = wait_for_none(ws.path, 30, keep=ws.workers)
         assert not left, [p.cmdline() for p in left]  # the stage checkpointed and exited
         text = log_text(server, run.id)
         assert "Running stage 'pretrain@pcgpt'" in text
+        assert "pretrain: stopped by SIGTERM; checkpoint:" in text  # streamed to the end
         parent, kids = lineage(mlflow_runs(ws), str(run.id))
         assert parent.info.status == "KILLED"
         assert not (ws.path / "metrics/pretrain/pcgpt.json").exists()
 
+        t0 = time.monotonic()
         again = run_deployment(server, "pcgpt/adhoc", {"targets": ["pretrain@pcgpt"]})
         again = wait_final(server, again.id, 600, ws.workers)
+        print(f"re-run {time.monotonic() - t0:.1f} s")
         assert again.state.is_completed(), log_text(server, again.id)[-3000:]
         assert "pretrain@pcgpt: resumed from" in log_text(server, again.id)
     finally:
@@ -432,29 +437,32 @@ def test_cancel_mid_pretrain_then_rerun_resumes_to_the_same_metrics(server, tmp_
 
 
 def test_worker_sigkill_mid_run_never_leaves_it_running(server, tmp_path, clean_exit):
-    ws = Workspace.create(tmp_path / "ws", server, params={"train": {"steps": 600, "save_every": 25}})
+    ws = Workspace.create(tmp_path / "ws", server, params={"train": {"steps": 400, "save_every": 20}})
     setup_host(ws)
     deploy(ws)
     worker = ws.start_worker()
     ckpt = ws.path / "checkpoints" / "pcgpt"
+    target = {"targets": ["pretrain@pcgpt"]}
     try:
-        run = run_deployment(server, "pcgpt/adhoc", {"targets": ["pretrain@pcgpt"]})
+        run = run_deployment(server, "pcgpt/adhoc", target)
         wait_for("a pretrain checkpoint", lambda: ckpt.is_dir() and any(ckpt.iterdir()), 300)
         worker.kill()
         run = wait_final(server, run.id, 300)
+        # with stream_output off the flow outlives its worker and finishes
         assert run.state.type.value in ("COMPLETED", "CRASHED"), run.state
         ws.start_worker(name="worker2")
-        again = wait_final(server, run_deployment(server, "pcgpt/adhoc").id, 600, ws.workers)
+        again = wait_final(server, run_deployment(server, "pcgpt/adhoc", target).id, 600, ws.workers)
         assert again.state.is_completed(), log_text(server, again.id)[-3000:]
     finally:
         ws.stop_workers()
-    assert "Data and pipelines are up to date" in ws.dvc("status").stdout
+    stages = ("download", "tokenizer", "pretrain@pcgpt")
+    assert "Data and pipelines are up to date" in ws.dvc("status", *stages).stdout
     lock = yaml.safe_load((ws.path / "dvc.lock").read_text())
-    assert set(lock["stages"]) == TINY_STAGES
+    assert set(lock["stages"]) == set(stages)
     for entry in lock["stages"].values():
         for out in entry.get("outs", []):
             assert (ws.path / out["path"]).exists(), out["path"]
-    assert json.loads((ws.path / "metrics/pretrain/pcgpt.json").read_text())["step"] == 600
+    assert json.loads((ws.path / "metrics/pretrain/pcgpt.json").read_text())["step"] == 400
 
 
 def test_a_dead_host_leaves_the_run_crashed_not_running(server, tmp_path, clean_exit):
@@ -525,6 +533,7 @@ def test_two_hosts_run_items_through_the_stage_deployment_and_the_dvc_remote(ser
         b.start_worker(limit=2, name="worker-b")
         run = wait_final(server, run.id, 600, a.workers + b.workers)
         assert run.state.is_completed(), log_text(server, run.id)[-4000:]
+        runs = mlflow_runs(a, mlflow_uri)
     finally:
         a.stop_workers()
         b.stop_workers()
@@ -539,7 +548,7 @@ def test_two_hosts_run_items_through_the_stage_deployment_and_the_dvc_remote(ser
         assert (a.path / f).read_bytes() == (b.path / f).read_bytes()
     assert not (a.path / "checkpoints" / "ablate").exists()  # no item trained on the coordinator
     # one MLflow parent on the shared server; CPU stages from A, items from B, each once
-    parent, kids = lineage(mlflow_runs(a, mlflow_uri), str(run.id))
+    parent, kids = lineage(runs, str(run.id))
     assert set(kids) == {"download", "tokenizer", *items}
     assert all(kids[n].data.tags["prefect.flow_run_id"] == str(run.id) for n in kids)
 
