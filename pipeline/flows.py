@@ -41,24 +41,30 @@ Crash safety. Cancelling sends SIGTERM to the flow's process group, so the runni
 `dvc` and stage processes get it: pretrain checkpoints and exits, the flow waits for
 them before it releases the workspace, and a re-run resumes from the checkpoints.
 DVC lock errors (another process holds a DVC lock) are retried; other failures fail
-the stage, skip its downstream stages and fail the flow. A dead worker or host is
-turned into `Crashed` by the automation `setup` creates (missing heartbeats).
+the stage, skip its downstream stages and fail the flow. A dead worker leaves its runs
+going (prefect.yaml turns `stream_output` off); the run of a dead host is turned into
+`Crashed` by the automation `setup` creates (missing heartbeats).
 
-Several hosts. With `distribute=True` the coordinator runs the CPU stages itself and
-pushes them (`dvc push --run-cache`), sends each GPU stage to the `pcgpt-stage/any-host`
-deployment (a worker on any host runs it in its own clone: checkout of the
-coordinator's commit, the same overrides, upstream restored from the DVC remote's run
-cache, the stage, a push), then restores the result from the run cache without
-running it. The MLflow server is shared by URI (`MLFLOW_TRACKING_URI`).
+Several hosts. With `distribute=True` the coordinator (the host running the flow) runs
+the CPU stages and the GPU stages with git-tracked outputs (pretrain: DVC restores a stage
+from its run cache only if its `cache: false` outputs already match) and pushes them
+(`dvc push --run-cache`); every other GPU stage (the ablation items) goes to the
+`pcgpt-stage/any-host` deployment. A worker on any host runs it in its own clone: the
+coordinator's commit and overrides, the coordinator's dvc.lock entries of the upstream
+stages with their outputs pulled from the DVC remote (the same bytes, so the same run-cache
+key), the stage in a GPU slot of that host, a push. The coordinator then restores the
+result from the run cache without running it. The MLflow server is shared by URI
+(`MLFLOW_TRACKING_URI`); hosts run the deployment's code at its path, or in
+`$PCGPT_WORKSPACE`.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import fcntl
-import json
 import os
 import re
 import socket
@@ -83,6 +89,7 @@ from pipeline.params import load_section
 POOL = "gpu"
 STAGE_DEPLOYMENT = "pcgpt-stage/any-host"  # flow name / deployment name in prefect.yaml
 GPU_DEP = "model"  # a stage depending on the model package trains or evaluates a model
+REPORT_STAGE = "report"  # its results.csv gives the headline table
 ENV_WORKSPACE = "PCGPT_WORKSPACE"  # a host's clone, when it is not the deployment's directory
 ENV_HOST = "PCGPT_HOST"  # the host name of GPU slots (tests run two "hosts" on one machine)
 ZOMBIE_AUTOMATION = "pcgpt: crash flow runs whose heartbeats stopped"
@@ -206,10 +213,6 @@ def select(dag: dict[str, Stage], targets: list[str] | None) -> list[str]:
     return [n for n in dag if n in wanted]
 
 
-def ancestors(dag: dict[str, Stage], name: str) -> list[str]:
-    return [n for n in select(dag, [name]) if n != name]
-
-
 def params_with(root: Path, overrides: list[str]) -> str:
     """The text of params.yaml with DVC `-S key=value` overrides applied, exactly as `dvc exp
     run -S` applies them (DVC's own Hydra parser). A key that is not in params.yaml, or a
@@ -256,17 +259,17 @@ def run_dvc(root: Path, args: list[str], env: dict[str, str], log: Callable[[str
     cmd = [sys.executable, "-m", "dvc", "--wait-for-lock", *args]
     proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1, errors="replace")
-    status, tail = "", []
+    status, tail = "", collections.deque(maxlen=40)
     assert proc.stdout is not None
     for line in proc.stdout:
         line = line.rstrip("\n")
         log(line)
-        tail = (tail + [line])[-40:]
+        tail.append(line)
         for marker, what in _STATUS_LINES:
             if marker in line and not status:
                 status = what
     code = proc.wait()
-    return DvcResult(code, status if code == 0 else "failed", tail)
+    return DvcResult(code, status if code == 0 else "failed", list(tail))
 
 
 def raise_for(stage: str, res: DvcResult, what: str = "dvc repro") -> None:
@@ -462,7 +465,7 @@ def plan_run(root: Path, targets: list[str] | None, overrides: list[str], distri
     if distribute:
         commit = git(root, "rev-parse", "HEAD")
         deps = sorted({p for p in git(root, "diff", "--name-only", "HEAD").splitlines()}
-                      - set(_pipeline_outputs(dag)) - {"dvc.lock", "params.yaml"})
+                      - set(_pipeline_outputs(dag)) - {"dvc.lock"})
         if deps:
             raise ValueError(f"distribute: other hosts check out {commit[:12]}, but these tracked "
                              f"files differ from it here: {', '.join(deps)} (commit them first)")
@@ -691,59 +694,71 @@ def pcgpt(targets: list[str] | None = None, force: bool = False,
         distribute: run the GPU stages through the `pcgpt-stage/any-host` deployment on
             whichever host takes them, with data exchanged through the DVC remote.
     """
-    from prefect.exceptions import TerminationSignal
     from prefect.runtime import flow_run
 
     logger = get_run_logger()
     root = workspace()
     os.chdir(root)  # the default MLflow store (sqlite:///mlflow.db) is relative to it
     run_id, run_name = str(flow_run.get_id()), flow_run.get_name()
-    url = flow_run.get_flow_run_ui_url()
+    url = flow_run.get_flow_run_ui_url() or ""
     overrides = list(overrides or [])
     with workspace_lock(root, f"flow run {run_name} ({run_id})") as busy:
         if busy:
             return Cancelled(message=f"already running: {busy} holds the workspace {root}")
         plan = plan_run(root, targets, overrides, distribute)
         logger.info("%d stages: %s", len(plan.order), ", ".join(plan.order))
-        tcfg = load_section(tracking.TrackingConfig, "tracking", root / "params.yaml")
-        with contextlib.suppress(Exception):  # housekeeping: never stops a run
-            _close_stale_parents(tcfg)
-        extra = {tracking.ENV_PREFECT_FLOW_RUN_ID: run_id, tracking.ENV_FLOW_RUN_URL: url or ""}
         with params_applied(root, plan.params_text):
-            with tracking.pipeline_run(f"prefect {run_name}", tcfg,
-                                       tags={"prefect.flow_run_id": run_id, "prefect.flow_run_url": url,
-                                             "pcgpt.overrides": " ".join(overrides) or None}) as parent:
-                extra[tracking.ENV_PARENT_RUN_ID] = parent.run_id or ""
-
-                def submit(name: str, upstream: list):
-                    st = plan.dag[name]
-                    if dispatched(st, distribute):
-                        params = {"commit": plan.commit, "overrides": overrides, "force": force,
-                                  "upstream_lock": {u: provenance.lock_entry(u, root) for u in st.upstream},
-                                  "parent_run_id": parent.run_id, "pipeline_flow_run_id": run_id,
-                                  "pipeline_flow_run_url": url}
-                        return dispatch_stage.submit(name, params, str(root), extra, wait_for=upstream)
-                    return run_stage.submit(name, st.gpu, force, plan.devices, str(root),
-                                            push=distribute, extra_env=extra, wait_for=upstream)
-
-                try:
-                    rows = run_dag(plan, submit, logger.error)
-                except (TerminationSignal, KeyboardInterrupt):
-                    parent.end("KILLED")
-                    if distribute:
-                        with contextlib.suppress(Exception):
-                            _cancel_dispatched(run_id)
-                    _wait_for_children(CHILD_GRACE_S)
-                    raise
-                publish(rows, root, parent, rows.get("report", {}).get("status") in ("ran", "restored", "unchanged"))
-                failed = [r["stage"] for r in rows.values() if r["status"].startswith(("failed", "not run"))]
-                if failed:
-                    raise StageFailed(f"{len(failed)} of {len(rows)} stages failed or were not run: "
-                                      f"{', '.join(failed)}")
-                if overrides or any(r["status"].startswith("ran") for r in rows.values()):
-                    save_experiment(plan, _experiment_name(run_name, run_id), logger.info)
+            rows = _execute(plan, force, distribute, run_id, run_name, url)
+            if overrides or any(r["status"].startswith("ran") for r in rows.values()):
+                save_experiment(plan, _experiment_name(run_name, run_id), logger.info)
     return {n: r["status"] for n, r in rows.items()}
 
+
+def _execute(plan: Plan, force: bool, distribute: bool, run_id: str, run_name: str,
+             url: str) -> dict[str, dict[str, Any]]:
+    """The stages of `plan` as tasks under one MLflow parent run; artifacts; raises if a
+    stage failed. On cancellation: the parent is KILLED, dispatched stage runs are cancelled
+    and the stages' processes are waited for (they checkpoint on the SIGTERM)."""
+    from prefect.exceptions import TerminationSignal
+
+    logger = get_run_logger()
+    root = plan.root
+    tcfg = load_section(tracking.TrackingConfig, "tracking", root / "params.yaml")
+    with contextlib.suppress(Exception):  # housekeeping: never stops a run
+        _close_stale_parents(tcfg)
+    tags = {"prefect.flow_run_id": run_id, "prefect.flow_run_url": url,
+            "pcgpt.overrides": " ".join(plan.overrides) or None}
+    with tracking.pipeline_run(f"prefect {run_name}", tcfg, tags=tags) as parent:
+        extra = {tracking.ENV_PREFECT_FLOW_RUN_ID: run_id, tracking.ENV_FLOW_RUN_URL: url,
+                 tracking.ENV_PARENT_RUN_ID: parent.run_id or ""}
+
+        def submit(name: str, upstream: list):
+            st = plan.dag[name]
+            if dispatched(st, distribute):
+                params = {"commit": plan.commit, "overrides": plan.overrides, "force": force,
+                          "upstream_lock": {u: provenance.lock_entry(u, root) for u in st.upstream},
+                          "parent_run_id": parent.run_id, "pipeline_flow_run_id": run_id,
+                          "pipeline_flow_run_url": url}
+                return dispatch_stage.submit(name, params, str(root), extra, wait_for=upstream)
+            return run_stage.submit(name, st.gpu, force, plan.devices, str(root), push=distribute,
+                                    extra_env=extra, wait_for=upstream)
+
+        try:
+            rows = run_dag(plan, submit, logger.error)
+        except (TerminationSignal, KeyboardInterrupt):
+            parent.end("KILLED")
+            if distribute:
+                with contextlib.suppress(Exception):
+                    _cancel_dispatched(run_id)
+            _wait_for_children(CHILD_GRACE_S)
+            raise
+        report = rows.get(REPORT_STAGE, {}).get("status") in ("ran", "restored", "unchanged")
+        publish(rows, root, parent, report)
+        failed = [r["stage"] for r in rows.values() if r["status"].startswith(("failed", "not run"))]
+        if failed:
+            raise StageFailed(f"{len(failed)} of {len(rows)} stages failed or were not run: "
+                              f"{', '.join(failed)}")
+    return rows
 
 
 @flow(name="pcgpt-stage", persist_result=False)

@@ -172,7 +172,8 @@ class Workspace(Project):
 
     @classmethod
     def create(cls, path: Path, server: PrefectServer, params: dict[str, Any] | None = None,
-               host: str | None = None) -> "Workspace":
+               host: str | None = None, tiny: bool = True) -> "Workspace":
+        """A workspace on the tiny profile (`tiny=False`: the repository's own params)."""
         path.mkdir(parents=True)
         for name in [*PROJECT_FILES, "prefect.yaml", ".gitignore"]:
             src = ROOT / name
@@ -181,10 +182,13 @@ class Workspace(Project):
             else:
                 shutil.copy2(src, path / name)
         ws = cls(path, server, host=host)
-        base = yaml.safe_load((path / "params.yaml").read_text())
-        base = deep_merge({k: v for k, v in base.items() if k != "ablation"},
-                          {**TINY, "ablation": {**base["ablation"], **TINY_GRID}})
-        ws.set_params(deep_merge(base, params or {}), replace=("ablation",))
+        if tiny:
+            base = yaml.safe_load((path / "params.yaml").read_text())
+            base = deep_merge({k: v for k, v in base.items() if k != "ablation"},
+                              {**TINY, "ablation": {**base["ablation"], **TINY_GRID}})
+            ws.set_params(deep_merge(base, params or {}), replace=("ablation",))
+        elif params:
+            ws.set_params(params)
         ws.run("git", "init", "-q")
         ws.dvc("init", "-q")
         ws.dvc("config", "core.analytics", "false")
@@ -260,9 +264,26 @@ def log_text(server: PrefectServer, run_id) -> str:
     return "\n".join(r.message for r in logs(server, run_id))
 
 
+def artifacts(server: PrefectServer, run_id) -> dict[str, Any]:
+    """The flow run's artifacts by key."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with server.settings(), server.client() as c:
+        arts = c.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
+    return {a.key: a for a in arts}
+
+
+def table(artifact) -> list[dict[str, Any]]:
+    """The rows of a table artifact."""
+    import json
+
+    return json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+
+
 def quiet_nightly(server: PrefectServer) -> None:
     """Pause `pcgpt/nightly` and delete its scheduled runs, so no cron run starts mid-test."""
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter
+    from prefect.client.schemas.filters import DeploymentFilter, FlowRunFilter
     from prefect.client.schemas.filters import FlowRunFilterState, FlowRunFilterStateType
     from prefect.client.schemas.objects import StateType
 

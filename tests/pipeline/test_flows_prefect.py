@@ -24,10 +24,10 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pipeline import flows
-from tests.conftest import ROOT
 from tests.pipeline.prefect_helpers import (ARTIFACTS, TINY_STAGES, PrefectServer, Proc, Workspace,
-                                            flow_run, free_port, kill_all, leftovers, log_text, logs,
-                                            quiet_nightly, run_deployment, wait_final, wait_for)
+                                            artifacts, flow_run, free_port, kill_all, leftovers,
+                                            log_text, logs, quiet_nightly, run_deployment, table,
+                                            wait_final, wait_for)
 
 pytestmark = pytest.mark.slow
 
@@ -79,20 +79,6 @@ def lineage(runs: list, flow_run_id: str) -> tuple[object, dict[str, object]]:
     by_name = {r.info.run_name: r for r in kids}
     assert len(by_name) == len(kids), sorted(r.info.run_name for r in kids)  # each stage once
     return parents[0], by_name
-
-
-def artifacts(server: PrefectServer, run_id) -> dict[str, object]:
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-
-    with server.settings(), server.client() as c:
-        arts = c.read_artifacts(artifact_filter=ArtifactFilter(
-            flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
-    return {a.key: a for a in arts}
-
-
-def table(artifact) -> list[dict]:
-    data = artifact.data
-    return json.loads(data) if isinstance(data, str) else data
 
 
 def setup_host(ws: Workspace, *args: str) -> str:
@@ -306,12 +292,13 @@ def test_prefect_ui_shows_the_deployments_and_a_finished_run(adhoc, server, tmp_
         wait_for("the flow run page", page_has(run.name, "Completed"), 120)
         time.sleep(2)  # the run graph draws after the text
         driver.save_screenshot(str(ARTIFACTS / "ui-flow-run.png"))
-        driver.get(f"{server.ui}/runs/flow-run/{run.id}?tab=Artifacts")
-        wait_for("the run's artifacts", page_has("pcgpt-stages", "pcgpt-headline", "pcgpt-mlflow"), 60)
-        driver.save_screenshot(str(ARTIFACTS / "ui-artifacts.png"))
+        stages = artifacts(server, run.id)["pcgpt-stages"]
+        driver.get(f"{server.ui}/artifacts/artifact/{stages.id}")
+        wait_for("the stage table", page_has("pcgpt-stages", "pretrain@pcgpt", "ablate@bp-0", "cpu0"), 60)
+        driver.save_screenshot(str(ARTIFACTS / "ui-stage-table.png"))
     finally:
         driver.quit()
-    for name in ("ui-deployments.png", "ui-flow-run.png", "ui-artifacts.png"):
+    for name in ("ui-deployments.png", "ui-flow-run.png", "ui-stage-table.png"):
         assert (ARTIFACTS / name).stat().st_size > 10_000
         shutil.copy2(ARTIFACTS / name, tmp_path / name)
 
@@ -465,8 +452,8 @@ def test_worker_sigkill_mid_run_never_leaves_it_running(server, tmp_path, clean_
     assert json.loads((ws.path / "metrics/pretrain/pcgpt.json").read_text())["step"] == 400
 
 
-def test_a_dead_host_leaves_the_run_crashed_not_running(server, tmp_path, clean_exit):
-    ws = Workspace.create(tmp_path / "ws", server, params={"train": {"steps": 1_000_000}})
+def test_a_dead_host_leaves_the_run_crashed_and_a_rerun_resumes(server, tmp_path, clean_exit):
+    ws = Workspace.create(tmp_path / "ws", server, params=LONG)
     setup_host(ws, "--zombie-after", "60")
     try:
         deploy(ws)
@@ -492,6 +479,14 @@ def test_a_dead_host_leaves_the_run_crashed_not_running(server, tmp_path, clean_
     finally:
         ws.stop_workers()
         setup_host(ws)  # the automation back to its default
+    assert not (ws.path / "metrics/pretrain/pcgpt.json").exists()
+    # the next run (here without a worker) resumes the training and closes the dead run's parent
+    out = ws.flows("run", "pretrain@pcgpt")
+    assert "pretrain@pcgpt: resumed from" in out.stdout + out.stderr
+    assert json.loads((ws.path / "metrics/pretrain/pcgpt.json").read_text())["step"] == LONG["train"]["steps"]
+    assert "Data and pipelines are up to date" in ws.dvc("status", "pretrain@pcgpt").stdout
+    parent, _ = lineage(mlflow_runs(ws), str(run.id))
+    assert parent.info.status == "KILLED"
 
 
 # --------------------------------------------------------------------------- two hosts
