@@ -101,6 +101,7 @@ MAX_PARALLEL = 64  # task threads: a 36-item grid waits on its GPU slots all at 
 LOCK_RETRIES = 3
 CHILD_GRACE_S = 25.0  # < the worker's 30 s between SIGTERM and SIGKILL
 SLOT_POLL_S = 0.25
+SERVER_WAIT_S = 120.0  # setup waits this long for a server that is still starting
 # DVC exits 255 on every failure; these texts mark the ones another process's lock caused.
 _LOCK_ERROR = re.compile(r"Unable to acquire lock|is busy, it is being blocked by|LockError")
 # How DVC says what it did with a stage (dvc/stage/__init__.py, dvc/stage/run.py).
@@ -354,6 +355,7 @@ def gpu_slot(devices: list[str], log: Callable[[str], None]) -> Iterator[str]:
     from prefect.concurrency.sync import concurrency
 
     name = slot_limit_name()
+    log(f"waiting for a GPU slot: {name}, devices {', '.join(devices)}")
     with _first_free_device(devices) as dev:
         # A failed lease renewal must not kill a training of hours (prefect #19068).
         with concurrency(name, occupy=1, strict=True, raise_on_lease_renewal_failure=False):
@@ -870,9 +872,13 @@ def setup(gpus: int | None = None, zombie_after_s: int = ZOMBIE_AFTER_S) -> dict
                          "shortest heartbeat interval Prefect allows)")
     n = gpus or max(1, len(visible_gpus()))
     with get_client(sync_client=True) as client:
-        err = client.api_healthcheck()
+        # `prefect server start --background` returns before the server listens
+        deadline = time.monotonic() + SERVER_WAIT_S
+        while (err := client.api_healthcheck()) is not None and time.monotonic() < deadline:
+            time.sleep(1)
         if err is not None:
-            raise ValueError(f"the Prefect server at {PREFECT_API_URL.value()} does not answer: {err}")
+            raise ValueError(f"the Prefect server at {PREFECT_API_URL.value()} did not answer "
+                             f"within {SERVER_WAIT_S:.0f} s: {err}")
         try:
             pool = client.read_work_pool(POOL)
             if pool.type != "process":
