@@ -29,7 +29,8 @@ exports to the stage's command, e.g. `pretrain@baseline`), or after the
 `dvc.stage`, `dvc.dep.<path>` / `dvc.params.<file>` / `dvc.hashes_from`
 (see `pipeline.provenance`), `data.manifest_sha256` (when a manifest is
 given), `host`, `device`, `prefect.flow_run_id` (when `PREFECT__FLOW_RUN_ID`
-is set) and `pcgpt.kind` (`stage` or `pipeline`).
+is set), `prefect.flow_run_url` (when `PCGPT_FLOW_RUN_URL` is set: the Prefect flow
+exports both) and `pcgpt.kind` (`stage` or `pipeline`).
 
 How the runs of one pipeline execution find their parent
 --------------------------------------------------------
@@ -120,6 +121,7 @@ log = logging.getLogger(__name__)
 
 ENV_PARENT_RUN_ID = "PCGPT_PARENT_RUN_ID"
 ENV_PREFECT_FLOW_RUN_ID = "PREFECT__FLOW_RUN_ID"
+ENV_FLOW_RUN_URL = "PCGPT_FLOW_RUN_URL"
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
 TAG_PIPELINE_KEY = "pcgpt.pipeline_key"
@@ -521,7 +523,8 @@ def device_name() -> str:
 def _common_tags(root: Path) -> dict[str, str]:
     git = provenance.git_state(root)
     tags = {"host": socket.gethostname(),
-            "prefect.flow_run_id": os.environ.get(ENV_PREFECT_FLOW_RUN_ID)}
+            "prefect.flow_run_id": os.environ.get(ENV_PREFECT_FLOW_RUN_ID),
+            "prefect.flow_run_url": os.environ.get(ENV_FLOW_RUN_URL)}
     if git["commit"]:
         tags.update({"git.commit": git["commit"], "mlflow.source.git.commit": git["commit"],
                      "git.dirty": str(git["dirty"]).lower()})
@@ -780,4 +783,5 @@ def pipeline_run(name: str | None = None, config: TrackingConfig | None = None,
 __all__ = ["TrackingConfig", "Tracker", "NullTracker", "MlflowTracker", "stage_run",
            "open_stage_run", "pipeline_run", "tracking_uri", "artifact_location",
            "pipeline_process", "pipeline_key", "device_name", "default_pip_requirements",
-           "ENV_PARENT_RUN_ID", "TAG_PIPELINE_KEY"]
+           "ENV_PARENT_RUN_ID", "ENV_PREFECT_FLOW_RUN_ID", "ENV_FLOW_RUN_URL", "TAG_PIPELINE_KEY",
+           "TAG_KIND"]
