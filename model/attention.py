@@ -386,6 +386,13 @@ def _distance_flex(q, k, v, p: KernelParams, mask, settle: bool, compiled: bool 
 _FAST = {"dot": _dot, "gaussian": _gaussian, "mixture": _mixture}
 
 
+def twice_differentiable():
+    """A context in which attention can be differentiated twice (the `settle` PC algorithm
+    differentiates a gradient): SDPA's math backend, which has a double backward."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: KernelParams, *,
               mask: torch.Tensor | None = None, settle: bool = False, impl: str = "auto") -> torch.Tensor:
     """Causal attention of T queries (B, H, T, D) over S ≥ T keys/values (B, Hkv, S, D).
