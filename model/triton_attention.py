@@ -49,6 +49,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 KERNELS = {"dot": 0, "gaussian": 1, "student_t": 2, "laplace": 3, "mixture": 4}
 DOT: tl.constexpr = tl.constexpr(0)
@@ -66,8 +67,8 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); every block size divides 128 (see `_even`).
 FWD_CONFIGS = [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)]
-DQ_CONFIGS = [(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2)]
-DKDV_CONFIGS = [(64, 64, 4, 3), (64, 128, 8, 3), (128, 128, 8, 2)]  # BLOCK_M queries, BLOCK_N keys
+DQ_CONFIGS = [(64, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3)]
+DKDV_CONFIGS = [(32, 128, 8, 3), (32, 64, 4, 3), (64, 64, 8, 3)]  # BLOCK_M queries, BLOCK_N keys
 if _INTERPRET:
     FWD_CONFIGS = DQ_CONFIGS = DKDV_CONFIGS = [(16, 16, 1, 1)]
 _ALIGN = max(max(m, n) for m, n, _, _ in FWD_CONFIGS + DQ_CONFIGS + DKDV_CONFIGS)
@@ -105,7 +106,16 @@ def _column(tile, offs_c, c):
 
 
 @triton.jit
-def _score(x, qn, kn, r1, r2, eps, KERNEL: tl.constexpr, SETTLE: tl.constexpr):
+def _log2(x, FAST: tl.constexpr):
+    """log2 on the special-function unit (lg2.approx, ~2⁻²² relative): tl.log2 compiles to a
+    ~20-instruction software routine. The CPU interpreter has no libdevice: tl.log2 there."""
+    if FAST:
+        return libdevice.fast_log2f(x)
+    return tl.log2(x)
+
+
+@triton.jit
+def _score(x, qn, kn, r1, r2, eps, KERNEL: tl.constexpr, SETTLE: tl.constexpr, FAST: tl.constexpr):
     """One score tile of a single-component kernel from x = q·k and broadcastable qn, kn, r1, r2.
 
     Returns s2 (the score in log2 units), ℓx = ∂ℓ/∂x and the features f1, f2 whose row sums
@@ -126,7 +136,7 @@ def _score(x, qn, kn, r1, r2, eps, KERNEL: tl.constexpr, SETTLE: tl.constexpr):
         d2 = tl.maximum(qn + kn - 2.0 * x, 0.0)         # the expansion can round below 0
         if KERNEL == STUDENT_T:                         # r1 = β, r2 = α
             w = 1.0 + r1 * d2
-            t = tl.log2(w)
+            t = _log2(w, FAST)
             s2 = -r2 * t
             r = 1.0 / w
             lx = 2.0 * r2 * r1 * r                      # ∂ℓ/∂x = −2 ∂ℓ/∂d²
@@ -138,7 +148,7 @@ def _score(x, qn, kn, r1, r2, eps, KERNEL: tl.constexpr, SETTLE: tl.constexpr):
             s2 = (u * iw) * -LOG2E                      # √u = u/√u: one rsqrt serves fwd and bwd
             z = iw                                      # −2 ∂ℓ/∂u
             if SETTLE:
-                s2 -= 0.5 * tl.log2(u)
+                s2 -= 0.5 * _log2(u, FAST)
                 z = iw + iw * iw
             lx = r1 * z
             f1 = d2 * z                                 # ∂ℓ/∂λ = −½ f1
@@ -152,7 +162,7 @@ def _score(x, qn, kn, r1, r2, eps, KERNEL: tl.constexpr, SETTLE: tl.constexpr):
 def _fwd_blocks(acc, l_i, m_i, q, qn, r1, r2, a_t, b_t, offs_m, offs_c, Kb, Vb, KNb, skt, svt,
                 lo, hi, T, eps, KERNEL: tl.constexpr, SETTLE: tl.constexpr, C: tl.constexpr,
                 D: tl.constexpr, EVEN: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
-                BLOCK_N: tl.constexpr):
+                FAST: tl.constexpr, BLOCK_N: tl.constexpr):
     offs_d = tl.arange(0, D)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -176,7 +186,7 @@ def _fwd_blocks(acc, l_i, m_i, q, qn, r1, r2, a_t, b_t, offs_m, offs_c, Kb, Vb, 
                     s2 = tl.where(visible, s2, float("-inf"))
                 p += tl.exp2(s2 - m_new[:, None])
         else:
-            s2, _, _, _ = _score(x, qn[:, None], kn[None, :], r1[:, None], r2[:, None], eps, KERNEL, SETTLE)
+            s2, _, _, _ = _score(x, qn[:, None], kn[None, :], r1[:, None], r2[:, None], eps, KERNEL, SETTLE, FAST)
             if MASKED:
                 s2 = tl.where(visible, s2, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s2, 1))
@@ -195,7 +205,7 @@ def _fwd(Q, K, V, O, LSE, QN, KN, P1, P2,
          s1b, s1h, s1t, s1c, s2b, s2h, s2t, s2c,
          H, G, T, eps,
          KERNEL: tl.constexpr, SETTLE: tl.constexpr, C: tl.constexpr, CP: tl.constexpr,
-         D: tl.constexpr, EVEN: tl.constexpr, PRECISION: tl.constexpr,
+         D: tl.constexpr, EVEN: tl.constexpr, PRECISION: tl.constexpr, FAST: tl.constexpr,
          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = tl.num_programs(0) - 1 - tl.program_id(0)    # the longest rows first
     bh = tl.program_id(1)
@@ -226,10 +236,10 @@ def _fwd(Q, K, V, O, LSE, QN, KN, P1, P2,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     diag = start_m * BLOCK_M
     acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, qn, r1, r2, a_t, b_t, offs_m, offs_c, Kb, Vb, KNb, skt, svt,
-                                0, diag, T, eps, KERNEL, SETTLE, C, D, EVEN, False, PRECISION, BLOCK_N)
+                                0, diag, T, eps, KERNEL, SETTLE, C, D, EVEN, False, PRECISION, FAST, BLOCK_N)
     acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, qn, r1, r2, a_t, b_t, offs_m, offs_c, Kb, Vb, KNb, skt, svt,
                                 diag, tl.minimum(diag + BLOCK_M, T), T, eps, KERNEL, SETTLE, C, D, EVEN, True,
-                                PRECISION, BLOCK_N)
+                                PRECISION, FAST, BLOCK_N)
     o = acc / l_i[:, None]
     row = (b * H + h) * T + offs_m
     o_ptrs = O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :]
@@ -260,7 +270,7 @@ def _sq_norm(X, OUT, sxb, sxh, sxt, H, T, D: tl.constexpr, BLOCK: tl.constexpr):
 def _dq_blocks(acc, g_sum, a1, v1, a2, v2, q, do, qn, delta, lse, r1, r2, lam, a_t, b_t, offs_m, offs_c,
                Kb, Vb, KNb, skt, svt, lo, hi, T, eps, KERNEL: tl.constexpr, SETTLE: tl.constexpr,
                C: tl.constexpr, D: tl.constexpr, EVEN: tl.constexpr, MASKED: tl.constexpr,
-               PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+               PRECISION: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.constexpr):
     offs_d = tl.arange(0, D)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -290,7 +300,7 @@ def _dq_blocks(acc, g_sum, a1, v1, a2, v2, q, do, qn, delta, lse, r1, r2, lam, a
             g_sum += tl.sum(p * dp, 1)
             ds = lp * dp
         else:
-            s2, lx, f1, f2 = _score(x, qn[:, None], kn[None, :], r1[:, None], r2[:, None], eps, KERNEL, SETTLE)
+            s2, lx, f1, f2 = _score(x, qn[:, None], kn[None, :], r1[:, None], r2[:, None], eps, KERNEL, SETTLE, FAST)
             p = tl.exp2(s2 - lse[:, None])
             if MASKED:
                 p = tl.where(visible, p, 0.0)
@@ -316,7 +326,7 @@ def _bwd_dq(Q, K, V, O, DO, DQ, LSE, KN, DELTA, P1, P2, D1, D2,
             s1b, s1h, s1t, s1c, s2b, s2h, s2t, s2c,
             H, G, T, eps,
             KERNEL: tl.constexpr, SETTLE: tl.constexpr, C: tl.constexpr, CP: tl.constexpr,
-            D: tl.constexpr, EVEN: tl.constexpr, PRECISION: tl.constexpr,
+            D: tl.constexpr, EVEN: tl.constexpr, PRECISION: tl.constexpr, FAST: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
@@ -358,10 +368,10 @@ def _bwd_dq(Q, K, V, O, DO, DQ, LSE, KN, DELTA, P1, P2, D1, D2,
     diag = start_m * BLOCK_M
     acc, g_sum, a1, v1, a2, v2 = _dq_blocks(
         acc, g_sum, a1, v1, a2, v2, q, do, qn, delta, lse, r1, r2, lam, a_t, b_t, offs_m, offs_c, Kb, Vb, KNb,
-        skt, svt, 0, diag, T, eps, KERNEL, SETTLE, C, D, EVEN, False, PRECISION, BLOCK_N)
+        skt, svt, 0, diag, T, eps, KERNEL, SETTLE, C, D, EVEN, False, PRECISION, FAST, BLOCK_N)
     acc, g_sum, a1, v1, a2, v2 = _dq_blocks(
         acc, g_sum, a1, v1, a2, v2, q, do, qn, delta, lse, r1, r2, lam, a_t, b_t, offs_m, offs_c, Kb, Vb, KNb,
-        skt, svt, diag, tl.minimum(diag + BLOCK_M, T), T, eps, KERNEL, SETTLE, C, D, EVEN, True, PRECISION, BLOCK_N)
+        skt, svt, diag, tl.minimum(diag + BLOCK_M, T), T, eps, KERNEL, SETTLE, C, D, EVEN, True, PRECISION, FAST, BLOCK_N)
     # Row sums against g with Δ replaced by the exact W_i (module docstring): A − G·V.
     if KERNEL == MIXTURE:
         e1 = a1 - g_sum[:, None] * v1                                        # ∂/∂b_c
@@ -398,7 +408,7 @@ def _bwd_dq(Q, K, V, O, DO, DQ, LSE, KN, DELTA, P1, P2, D1, D2,
 def _dkdv_blocks(dk, dv, ds_sum, k, v, kn, offs_n, Qb, DOb, LSEb, QNb, DELTAb, P1b, P2b, sqt, sdot,
                  s1t, s1c, s2t, s2c, lo, hi, T, eps, KERNEL: tl.constexpr, SETTLE: tl.constexpr,
                  C: tl.constexpr, D: tl.constexpr, EVEN: tl.constexpr, MASKED: tl.constexpr,
-                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
+                 PRECISION: tl.constexpr, FAST: tl.constexpr, BLOCK_M: tl.constexpr):
     """Transposed tiles: rows are the BN keys of this program, columns BM queries."""
     offs_d = tl.arange(0, D)
     for start_m in range(lo, hi, BLOCK_M):
@@ -428,7 +438,7 @@ def _dkdv_blocks(dk, dv, ds_sum, k, v, kn, offs_n, Qb, DOb, LSEb, QNb, DELTAb, P
         else:
             r1 = _load_vec(P1b, offs_m, s1t, T, 1.0, EVEN)
             r2 = _load_vec(P2b, offs_m, s2t, T, 1.0, EVEN)
-            s2, lx, _, _ = _score(xt, qn[None, :], kn[:, None], r1[None, :], r2[None, :], eps, KERNEL, SETTLE)
+            s2, lx, _, _ = _score(xt, qn[None, :], kn[:, None], r1[None, :], r2[None, :], eps, KERNEL, SETTLE, FAST)
             pt = tl.exp2(s2 - lse[None, :])
             if MASKED:
                 pt = tl.where(visible, pt, 0.0)
@@ -447,7 +457,7 @@ def _bwd_dkdv(Q, K, V, DO, DK, DV, LSE, QN, DELTA, P1, P2,
               s1b, s1h, s1t, s1c, s2b, s2h, s2t, s2c,
               H, G, T, eps,
               KERNEL: tl.constexpr, SETTLE: tl.constexpr, C: tl.constexpr, CP: tl.constexpr,
-              D: tl.constexpr, EVEN: tl.constexpr, PRECISION: tl.constexpr,
+              D: tl.constexpr, EVEN: tl.constexpr, PRECISION: tl.constexpr, FAST: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_n = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -474,11 +484,11 @@ def _bwd_dkdv(Q, K, V, DO, DK, DV, LSE, QN, DELTA, P1, P2,
         dk, dv, ds_sum = _dkdv_blocks(dk, dv, ds_sum, k, v, kn, offs_n, Qb, DOb, LSE + rows, QN + rows,
                                       DELTA + rows, P1b, P2b, sqt, sdot, s1t, s1c, s2t, s2c,
                                       diag, tl.minimum(diag + BLOCK_N, T), T, eps, KERNEL, SETTLE, C, D, EVEN,
-                                      True, PRECISION, BLOCK_M)
+                                      True, PRECISION, FAST, BLOCK_M)
         dk, dv, ds_sum = _dkdv_blocks(dk, dv, ds_sum, k, v, kn, offs_n, Qb, DOb, LSE + rows, QN + rows,
                                       DELTA + rows, P1b, P2b, sqt, sdot, s1t, s1c, s2t, s2c,
                                       diag + BLOCK_N, T, T, eps, KERNEL, SETTLE, C, D, EVEN, False, PRECISION,
-                                      BLOCK_M)
+                                      FAST, BLOCK_M)
     if KERNEL != DOT:
         dk -= kf * ds_sum[:, None]                                           # through kn: ∂ℓ/∂kn = −ℓx/2
     mask = offs_n[:, None] < T
@@ -504,7 +514,7 @@ def _param_strides(p: torch.Tensor) -> list[int]:
 def _meta(q: torch.Tensor, k: torch.Tensor, kernel: str, settle: bool, C: int) -> dict:
     return dict(KERNEL=KERNELS[kernel], SETTLE=bool(settle), C=C, CP=max(2, triton.next_power_of_2(C)),
                 D=q.shape[-1], EVEN=q.shape[-2] % _ALIGN == 0,
-                PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FAST=not _INTERPRET)
 
 
 def _new_output(q: torch.Tensor) -> torch.Tensor:
