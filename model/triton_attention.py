@@ -599,7 +599,13 @@ def _backward(ctx, do, _lse, _qn, _kn):
     return dq, dk, dv, dp1, dp2, None, None, None
 
 
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("the Triton attention kernels have no double backward: run what differentiates "
+                       "through attention twice inside model.attention.twice_differentiable()")
+
+
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
+_backward_op.register_autograd(_no_double_backward)
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
