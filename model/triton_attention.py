@@ -512,7 +512,8 @@ def _param_strides(p: torch.Tensor) -> list[int]:
 
 
 def _meta(q: torch.Tensor, k: torch.Tensor, kernel: str, settle: bool, C: int) -> dict:
-    return dict(KERNEL=KERNELS[kernel], SETTLE=bool(settle), C=C, CP=max(2, triton.next_power_of_2(C)),
+    # SETTLE changes laplace's score only (the others take it through p1, p2): one binary for both
+    return dict(KERNEL=KERNELS[kernel], SETTLE=bool(settle) and kernel == "laplace", C=C, CP=max(2, triton.next_power_of_2(C)),
                 D=q.shape[-1], EVEN=q.shape[-2] % _ALIGN == 0,
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FAST=not _INTERPRET)
 
