@@ -207,8 +207,8 @@ def _fwd(Q, K, V, O, LSE, QN, KN, P1, P2,
          KERNEL: tl.constexpr, SETTLE: tl.constexpr, C: tl.constexpr, CP: tl.constexpr,
          D: tl.constexpr, EVEN: tl.constexpr, PRECISION: tl.constexpr, FAST: tl.constexpr,
          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m = tl.num_programs(0) - 1 - tl.program_id(0)    # the longest rows first
-    bh = tl.program_id(1)
+    start_m = tl.num_programs(1) - 1 - tl.program_id(1)    # the longest rows first, in every head
+    bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     h = bh % H
     hk = h // G                                              # GQA: query head h reads kv head h // G
@@ -256,10 +256,10 @@ def _fwd(Q, K, V, O, LSE, QN, KN, P1, P2,
 @triton.jit
 def _sq_norm(X, OUT, sxb, sxh, sxt, H, T, D: tl.constexpr, BLOCK: tl.constexpr):
     """‖x_t‖² in fp32 for rows of a (B, H, T, D) tensor, into a contiguous (B, H, T)."""
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     h = bh % H
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     x = _load_rows(X + b * sxb + h * sxh, offs, tl.arange(0, D), sxt, T, False).to(tl.float32)
     tl.store(OUT + (b * H + h) * T + offs, tl.sum(x * x, 1), mask=offs < T)
 
@@ -328,8 +328,8 @@ def _bwd_dq(Q, K, V, O, DO, DQ, LSE, KN, DELTA, P1, P2, D1, D2,
             KERNEL: tl.constexpr, SETTLE: tl.constexpr, C: tl.constexpr, CP: tl.constexpr,
             D: tl.constexpr, EVEN: tl.constexpr, PRECISION: tl.constexpr, FAST: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
+    start_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     h = bh % H
     hk = h // G
@@ -459,8 +459,8 @@ def _bwd_dkdv(Q, K, V, DO, DK, DV, LSE, QN, DELTA, P1, P2,
               KERNEL: tl.constexpr, SETTLE: tl.constexpr, C: tl.constexpr, CP: tl.constexpr,
               D: tl.constexpr, EVEN: tl.constexpr, PRECISION: tl.constexpr, FAST: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_n = tl.program_id(0)
-    bhk = tl.program_id(1)
+    start_n = tl.program_id(1)                               # the first keys see the most queries: first
+    bhk = tl.program_id(0)
     Hkv = H // G
     b = (bhk // Hkv).to(tl.int64)
     hk = bhk % Hkv
@@ -533,9 +533,9 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p1: torch.Ten
     f32 = dict(device=q.device, dtype=torch.float32)
     o = _new_output(q)
     lse, qn, kn = torch.empty(B, H, T, **f32), torch.empty(B, H, T, **f32), torch.empty(B, Hkv, T, **f32)
-    _sq_norm[(triton.cdiv(T, 64), B * Hkv)](k, kn, *_strides(k), Hkv, T, D=D, BLOCK=64)
+    _sq_norm[(B * Hkv, triton.cdiv(T, 64))](k, kn, *_strides(k), Hkv, T, D=D, BLOCK=64)
     meta = _meta(q, k, kernel, settle, p1.shape[-1])
-    grid = lambda m: (triton.cdiv(T, m["BLOCK_M"]), B * H)  # noqa: E731
+    grid = lambda m: (B * H, triton.cdiv(T, m["BLOCK_M"]))  # noqa: E731 (axis 0 runs fastest)
     _fwd[grid](q, k, v, o, lse, qn, kn, p1, p2, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
                *_param_strides(p1), *_param_strides(p2), H, H // Hkv, T, eps, **meta)
     return o, lse, qn, kn
@@ -562,10 +562,10 @@ def _backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     delta, d1, d2 = torch.empty(B, H, T, **f32), torch.empty(B, H, T, C, **f32), torch.empty(B, H, T, C, **f32)
     meta = _meta(q, k, kernel, settle, C)
     ps = [*_param_strides(p1), *_param_strides(p2)]
-    grid = lambda m: (triton.cdiv(T, m["BLOCK_M"]), B * H)  # noqa: E731
+    grid = lambda m: (B * H, triton.cdiv(T, m["BLOCK_M"]))  # noqa: E731
     _bwd_dq[grid](q, k, v, o, do, dq, lse, kn, delta, p1, p2, d1, d2, *_strides(q), *_strides(k), *_strides(v),
                   *_strides(o), *_strides(do), *_strides(dq), *ps, H, H // Hkv, T, eps, **meta)
-    grid = lambda m: (triton.cdiv(T, m["BLOCK_N"]), B * Hkv)  # noqa: E731
+    grid = lambda m: (B * Hkv, triton.cdiv(T, m["BLOCK_N"]))  # noqa: E731
     _bwd_dkdv[grid](q, k, v, do, dk, dv, lse, qn, delta, p1, p2, *_strides(q), *_strides(k), *_strides(v),
                     *_strides(do), *_strides(dk), *_strides(dv), *ps, H, H // Hkv, T, eps, **meta)
     return dq, dk, dv, d1, d2
