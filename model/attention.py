@@ -419,18 +419,22 @@ def twice_differentiable():
         _twice_differentiable = outer
 
 
-def _triton_module():
-    """model.triton_attention, or None without triton."""
-    if not _HAS_TRITON:
-        return None
-    from . import triton_attention
-    return triton_attention
-
-
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
+_TRITON = None  # model.triton_attention once imported
+
+
+def _triton_module():
+    """model.triton_attention, or None without triton. Imported when this module is, where a
+    GPU is present (so torch.compile never traces the import); without one on first use, as
+    triton.jit reads TRITON_INTERPRET at import (the CPU tests set it)."""
+    global _TRITON
+    if _TRITON is None and _HAS_TRITON:
+        from . import triton_attention
+        _TRITON = triton_attention
+    return _TRITON
+
+
 if _HAS_TRITON and torch.cuda.is_available():
-    # Import now, so that torch.compile never traces the import. Without a GPU it happens on
-    # first use: triton.jit reads TRITON_INTERPRET at import, which the CPU tests set.
     _triton_module()
 
 
