@@ -22,8 +22,8 @@ P·V are computed once, and p_ij = Σ_c exp2(s2_ijc − m_i) (C exp2 per score, 
 
 Backward, with g_ij = ∂L/∂ℓ_ij = P_ij (dP_ij − Δ_i), dP = dO·Vᵀ, Δ_i = dO_i·O_i:
     dq_i = Σ_j ℓx_ij g_ij k_j − q_i Σ_j ℓx_ij g_ij,  dk_j = Σ_i ℓx_ij g_ij q_i − k_j Σ_i ℓx_ij g_ij
-with ℓx = ∂ℓ/∂x (every kernel depends on k through kn − 2x, and on q through qn − 2x except
-gaussian and dot, whose qn term is dropped or absent: dq_i = Σ_j ℓx g k_j there).
+with ℓx = ∂ℓ/∂x (every kernel but dot depends on k through kn − 2x, and on q through qn − 2x
+except gaussian, whose qn term is dropped; dot and gaussian drop the matching terms).
 Two kernels: `_bwd_dq` (per query block: dq, Δ, and the per-row parameter gradients) runs
 first and writes Δ; `_bwd_dkdv` (per key block, looping over the query heads of its kv head
 for GQA, so no atomics) writes dk, dv.
@@ -65,7 +65,9 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Triton's CPU interpreter (TRITON_INTERPRET=1, read by triton.jit at import) runs the same
 # kernels on tiny blocks: the CPU tests use it. On a GPU: a few Hopper-sized configs.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# (BLOCK_M, BLOCK_N, num_warps, num_stages); every block size divides 128 (see `_even`).
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); every block size divides 128 (EVEN in `_meta`).
+# Inner blocks of 32 keep the backward kernels free of register spills on sm_90
+# (tests/bench/triton_resources.py prints registers and spills per config without a GPU).
 FWD_CONFIGS = [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)]
 DQ_CONFIGS = [(64, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3)]
 DKDV_CONFIGS = [(32, 128, 8, 3), (32, 64, 4, 3), (64, 64, 8, 3)]  # BLOCK_M queries, BLOCK_N keys

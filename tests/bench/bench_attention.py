@@ -38,6 +38,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -170,8 +171,8 @@ def time_impl(kernel: str, t: dict, dy: torch.Tensor, impl: str) -> dict:
     return row
 
 
-def bench_kernel(kernel: str, shapes: list[str], impls: list[str]) -> list[dict]:
-    rows = []
+def bench_kernel(kernel: str, shapes: list[str], impls: list[str]):
+    """Yields one row per path, shape by shape."""
     for s in shapes:
         shape = parse_shape(s)
         t = make_inputs(kernel, shape, DTYPE)
@@ -194,11 +195,10 @@ def bench_kernel(kernel: str, shapes: list[str], impls: list[str]) -> list[dict]
                 names = ["y", *wrt(kernel, t)]
                 for n, x in zip(names, outs):
                     row[f"err_{n}"] = rel(x, ref[n])
-            rows.append({**row, "shape": list(shape)})
+            yield {**row, "shape": list(shape)}
         del ref, timed
         gc.collect()
         torch.cuda.empty_cache()
-    return rows
 
 
 # -- floors ---------------------------------------------------------------------------------------
@@ -314,25 +314,28 @@ def main(argv=None) -> None:
         first_configs_only()
         shapes = args.shapes if args.shapes != ap.get_default("shapes") else QUICK_SHAPES
         for kernel in args.kernels:
+            start = time.perf_counter()
             impls = args.impls if args.impls != IMPLS else ["legacy"] * (kernel == "dot") + ["triton", "reference"]
-            new = bench_kernel(kernel, shapes, impls)
-            rows += new
-            for r in new:
+            for r in bench_kernel(kernel, shapes, impls):
+                rows.append(r)
                 print(json.dumps(r), flush=True)
+            print(f"{kernel}: {time.perf_counter() - start:.0f} s", flush=True)
     else:
         for kernel in args.kernels:
+            start = time.perf_counter()
             cmd = [sys.executable, __file__, "--case", kernel, "--shapes", *args.shapes, "--impls", *args.impls]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             got = [json.loads(x[len("RESULT "):]) for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-            if not got:
-                err = (proc.stderr.strip().splitlines() or ["?"])[-1]
-                print(f"{kernel}: FAILED: {err}", flush=True)
-                rows += [dict(kernel=kernel, impl=i, path=i, shape=list(parse_shape(s)), error=err)
-                         for s in args.shapes for i in args.impls]
-                continue
             for r in got:
                 print(json.dumps(r), flush=True)
             rows += got
+            done = {(tuple(r["shape"]), r["impl"]) for r in got}
+            if proc.returncode != 0:
+                err = (proc.stderr.strip().splitlines() or ["?"])[-1]
+                print(f"{kernel}: FAILED (exit {proc.returncode}): {err}", flush=True)
+                rows += [dict(kernel=kernel, impl=i, path=i, shape=list(parse_shape(s)), error=err)
+                         for s in args.shapes for i in args.impls if (parse_shape(s), i) not in done]
+            print(f"{kernel}: {time.perf_counter() - start:.0f} s", flush=True)
     print()
     print(table(rows, ceil, device))
     if args.out:
