@@ -453,9 +453,19 @@ def _triton_params(q: torch.Tensor, p: KernelParams, settle: bool) -> tuple[torc
     return lam[..., :1], lam[..., :1]
 
 
+def _autocast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Under CUDA autocast the Triton path runs in the autocast dtype, as SDPA does (autocast
+    does not cast a custom op's inputs; with qk_norm, q and k arrive in fp32, v in bf16)."""
+    if q.is_cuda and torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+        return q.to(dtype), k.to(dtype), v.to(dtype)
+    return q, k, v
+
+
 def _triton(q, k, v, p: KernelParams, mask, settle: bool) -> torch.Tensor:
     if mask is not None:
         raise ValueError("the triton path takes plain causal self-attention (T == S, no mask)")
+    q, k, v = _autocast(q, k, v)
     p1, p2 = _triton_params(q, p, settle)
     return _triton_module().flash_attention(q, k, v, p.kernel, p1, p2, settle, p.eps)
 
@@ -465,7 +475,7 @@ def _auto(q, k, v, p: KernelParams, mask) -> str:
     if _twice_differentiable:
         return "sdpa" if p.kernel in _FAST else "reference"
     ta = _triton_module() if q.is_cuda and mask is None and p.kernel != "dot" else None
-    if ta is not None and ta.supports(q, k, v):
+    if ta is not None and ta.supports(*_autocast(q, k, v)):
         return "triton"
     if p.kernel in _FAST:
         return "sdpa"

@@ -517,7 +517,8 @@ def _meta(q: torch.Tensor, k: torch.Tensor, kernel: str, settle: bool, C: int) -
     # SETTLE changes laplace's score only (the others take it through p1, p2): one binary for both
     return dict(KERNEL=KERNELS[kernel], SETTLE=bool(settle) and kernel == "laplace", C=C, CP=max(2, triton.next_power_of_2(C)),
                 D=q.shape[-1], EVEN=q.shape[-2] % _ALIGN == 0,
-                PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FAST=not _INTERPRET)
+                # fp32: three tf32 products per product (tensor cores, ~fp32 accuracy)
+                PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32", FAST=not _INTERPRET)
 
 
 def _new_output(q: torch.Tensor) -> torch.Tensor:
@@ -613,8 +614,10 @@ _backward_op.register_autograd(_no_double_backward)
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Shapes and dtypes these kernels take: T == S, a power-of-two head dim 16…128 shared by
-    q, k and v, one floating dtype, contiguous head dims."""
+    q, k and v (fp32: up to 64, whose tiles fit shared memory), one floating dtype, contiguous
+    head dims."""
     return (q.dtype in DTYPES and k.dtype == q.dtype and v.dtype == q.dtype and q.shape[-1] in HEAD_DIMS
+            and (q.dtype != torch.float32 or q.shape[-1] <= 64)
             and k.shape[-1] == q.shape[-1] and v.shape[-1] == q.shape[-1] and q.shape[-2] == k.shape[-2]
             and q.shape[1] % k.shape[1] == 0 and all(x.stride(-1) == 1 for x in (q, k, v)))
 

@@ -145,6 +145,8 @@ def test_supports_only_what_the_kernels_take():
     assert not ta.supports(q[..., :8], k[..., :8], k[..., :8])       # head dim 8
     assert not ta.supports(q, k, k.double())                         # mixed dtypes
     assert not ta.supports(q.transpose(-1, -2), k, k)                # head dim not contiguous
+    wide = torch.randn(1, 2, 8, 128)
+    assert ta.supports(wide.half(), wide.half(), wide.half()) and not ta.supports(wide, wide, wide)  # fp32 ≤ 64
 
 
 # -- GPU: bf16, CUDA graphs -----------------------------------------------------------------
