@@ -83,6 +83,17 @@ def _configs(table):
 _KEY = ["T", "D", "KERNEL", "SETTLE", "C", "G"]
 
 
+def _fp32_smallest(configs, named_args, **kwargs):
+    """fp32 (tests and fp32 runs, not the speed path): the smallest tiles only, the ones that
+    fit shared memory, and a third of the compile time."""
+    if named_args["Q"].dtype == torch.float32:
+        return [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    return configs
+
+
+_PRUNE = {"early_config_prune": _fp32_smallest}
+
+
 # -- helpers ---------------------------------------------------------------------------------
 
 @triton.jit
@@ -200,7 +211,7 @@ def _fwd_blocks(acc, l_i, m_i, q, qn, r1, r2, a_t, b_t, offs_m, offs_c, Kb, Vb, 
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_configs(FWD_CONFIGS), key=_KEY)
+@triton.autotune(configs=_configs(FWD_CONFIGS), key=_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _fwd(Q, K, V, O, LSE, QN, KN, P1, P2,
          sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
@@ -321,7 +332,7 @@ def _dq_blocks(acc, g_sum, a1, v1, a2, v2, q, do, qn, delta, lse, r1, r2, lam, a
     return acc, g_sum, a1, v1, a2, v2
 
 
-@triton.autotune(configs=_configs(DQ_CONFIGS), key=_KEY)
+@triton.autotune(configs=_configs(DQ_CONFIGS), key=_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _bwd_dq(Q, K, V, O, DO, DQ, LSE, KN, DELTA, P1, P2, D1, D2,
             sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, sdob, sdoh, sdot, sdqb, sdqh, sdqt,
@@ -451,7 +462,7 @@ def _dkdv_blocks(dk, dv, ds_sum, k, v, kn, offs_n, Qb, DOb, LSEb, QNb, DELTAb, P
     return dk, dv, ds_sum
 
 
-@triton.autotune(configs=_configs(DKDV_CONFIGS), key=_KEY)
+@triton.autotune(configs=_configs(DKDV_CONFIGS), key=_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _bwd_dkdv(Q, K, V, DO, DK, DV, LSE, QN, DELTA, P1, P2,
               sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot,
