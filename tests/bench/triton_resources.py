@@ -68,9 +68,11 @@ def main(argv=None) -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kernels", nargs="+", default=list(ta.KERNELS), choices=list(ta.KERNELS))
+    ap.add_argument("--group", type=int, default=1, help="query heads per kv head (GQA)")
     ap.add_argument("--sass", action="store_true")
     args = ap.parse_args(argv)
-    B, H, Hkv, T, D = 1, 4, 2, 1024, 64
+    B, H, T, D = 1, 4, 1024, 64
+    Hkv = H // args.group
     f32 = dict(dtype=torch.float32)
     for kernel in args.kernels:
         C = 2 if kernel == "mixture" else 1
