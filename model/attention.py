@@ -19,27 +19,37 @@ The clamps are hard (zero gradient outside): they bound the kernels, they are
 not a prior.
 
 How each kernel runs (`attention(..., impl="auto")`):
-- `dot`: F.scaled_dot_product_attention (flash on GPU).
-- `gaussian`: SDPA on augmented q' = [λq, −λ/2], k' = [k, ‖k‖²], scale 1: the raw
-  score is λq·k − (λ/2)‖k‖², which differs from −(λ/2)d² by −(λ/2)‖q‖², constant
-  over keys, so the softmax is the same.
-- `student_t`, `laplace`: q' = [2q, −‖q‖², −1], k' = [k, 1, ‖k‖²] make the raw
-  score −d²; a pointwise `score_mod` turns it into ℓ, reading β (= λ/ν resp. λ)
-  and α = (ν+D)/2 from fp32 tensors per query row (`_row_params`: per row so the
-  backward's atomic adds for their gradients spread over B·H·T addresses, and in
-  the score_mod rather than q' so those gradients are fp32 sums; student_t's log1p
-  is centred per row, `_score_mod`). On CUDA this
-  runs fused in FlexAttention (compiled); on CPU the exact reference below is the
-  path (`impl="dense"` materialises the same augmentation + score_mod, and is
-  what the CPU tests check the fused formula with).
-- `mixture`: SDPA over C×keys: block-diagonal q' = ⊕_c [λ_c q, −λ_c/2, b_c],
-  k'_(c,j) = e_c ⊗ [k_j, ‖k_j‖², 1], values repeated C times, with the per-query
-  bias b_c = −(λ_c/2)‖q‖² + (D/2) log λ_c + log π_c (the ‖q‖² term does not cancel
-  across components). Softmax over (j, c) summed over c is the mixture's softmax.
-Augmented head dims are zero-padded to a multiple of 8 (SDPA) or 16 (Flex)
-so the fused kernels accept them; zero columns change nothing. In bf16 each
-norm / bias column is stored as two columns hi + lo (`_split`): a single bf16
-‖k‖² ≈ D would put an error of ~D·2⁻⁹ into every score.
+- CUDA, T == S, no extra mask, a bf16/fp16/fp32 head dim of 16…128: `gaussian`,
+  `student_t`, `laplace` and `mixture` run in the Triton flash kernels of
+  triton_attention.py, which compute each score inline from q·k and the fp32 norms
+  ‖q‖², ‖k‖² (no augmented head dims), mixture with its C components inside one pass,
+  forward and backward (q, k, v and every precision parameter), as torch custom ops
+  that torch.compile and CUDA graphs take. `dot` stays on SDPA's flash kernel.
+- Otherwise (CPU, cached decoding with T < S, a ragged-batch mask, other head dims):
+  `dot`, `gaussian`, `mixture` through SDPA on augmented inputs, `student_t`,
+  `laplace` through FlexAttention on CUDA and the exact reference on CPU:
+  - `gaussian`: SDPA on augmented q' = [λq, −λ/2], k' = [k, ‖k‖²], scale 1: the raw
+    score is λq·k − (λ/2)‖k‖², which differs from −(λ/2)d² by −(λ/2)‖q‖², constant
+    over keys, so the softmax is the same.
+  - `student_t`, `laplace`: q' = [2q, −‖q‖², −1], k' = [k, 1, ‖k‖²] make the raw
+    score −d²; a pointwise `score_mod` turns it into ℓ, reading β (= λ/ν resp. λ)
+    and α = (ν+D)/2 from fp32 tensors per query row (`_row_params`: per row so the
+    backward's atomic adds for their gradients spread over B·H·T addresses, and in
+    the score_mod rather than q' so those gradients are fp32 sums; student_t's log1p
+    is centred per row, `_score_mod`). `impl="dense"` materialises the same
+    augmentation + score_mod (what the CPU tests check the fused formula with).
+  - `mixture`: SDPA over C×keys: block-diagonal q' = ⊕_c [λ_c q, −λ_c/2, b_c],
+    k'_(c,j) = e_c ⊗ [k_j, ‖k_j‖², 1], values repeated C times, with the per-query
+    bias b_c = −(λ_c/2)‖q‖² + (D/2) log λ_c + log π_c (the ‖q‖² term does not cancel
+    across components). Softmax over (j, c) summed over c is the mixture's softmax.
+  Augmented head dims are zero-padded to a multiple of 8 (SDPA) or 16 (Flex)
+  so the fused kernels accept them; zero columns change nothing. In bf16 each
+  norm / bias column is stored as two columns hi + lo (`_split`): a single bf16
+  ‖k‖² ≈ D would put an error of ~D·2⁻⁹ into every score.
+`impl=` forces one path (`triton`, `sdpa`, `flex`, `dense`, `reference`): the
+benchmark times them against each other. Inside `twice_differentiable()` (pc's
+`settle`, which differentiates through attention twice) `auto` takes paths with a
+double backward: SDPA's math backend, and the reference for student_t/laplace.
 
 Attention settling (`attention.settle_steps`): before the output is taken, the
 queries move toward the keys that explain them, q ← q + rate·(Σ_j a_ij k_j − q),
@@ -54,13 +64,16 @@ cached generation equals uncached generation.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib.util
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import GPTConfig
 
@@ -153,9 +166,10 @@ def _log_mix(p: KernelParams, H: int, C: int, device) -> torch.Tensor:
 
 def _squared_distances(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """‖q_i − k_j‖², fp32. CPU: by differences (torch.cdist without the matmul trick).
-    CUDA: the expansion ‖q‖² + ‖k‖² − 2q·k in fp64, exact to fp32 precision (cdist's
-    CUDA kernel is avoided: it faulted on the benchmark's 96×1024×1024 batch)."""
-    if not q.is_cuda:
+    CUDA, and inside twice_differentiable() (cdist has no double backward): the expansion
+    ‖q‖² + ‖k‖² − 2q·k in fp64, exact to fp32 precision (cdist's CUDA kernel is avoided:
+    it faulted on the benchmark's 96×1024×1024 batch)."""
+    if not q.is_cuda and not _twice_differentiable:
         return torch.cdist(q, k, compute_mode="donot_use_mm_for_euclid_dist").square()
     q, k = q.double(), k.double()
     d2 = q.square().sum(-1, keepdim=True) + k.square().sum(-1).unsqueeze(-2) - 2 * q @ k.transpose(-2, -1)
@@ -384,6 +398,89 @@ def _distance_flex(q, k, v, p: KernelParams, mask, settle: bool, compiled: bool 
 
 
 _FAST = {"dot": _dot, "gaussian": _gaussian, "mixture": _mixture}
+IMPLS = ("auto", "triton", "sdpa", "flex", "dense", "reference")
+
+_twice_differentiable = False
+
+
+@contextlib.contextmanager
+def twice_differentiable():
+    """Attention with a double backward inside this block: `impl="auto"` runs `dot`, `gaussian`
+    and `mixture` through SDPA's math backend and `student_t`, `laplace` through the reference
+    (the Triton, flash and FlexAttention kernels have first derivatives only). For pc's
+    `settle`, which differentiates through the settling steps' gradients."""
+    global _twice_differentiable
+    outer = _twice_differentiable
+    _twice_differentiable = True
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    finally:
+        _twice_differentiable = outer
+
+
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+_TRITON = None  # model.triton_attention once imported
+
+
+def _triton_module():
+    """model.triton_attention, or None without triton. Imported when this module is, where a
+    GPU is present (so torch.compile never traces the import); without one on first use, as
+    triton.jit reads TRITON_INTERPRET at import (the CPU tests set it)."""
+    global _TRITON
+    if _TRITON is None and _HAS_TRITON:
+        from . import triton_attention
+        _TRITON = triton_attention
+    return _TRITON
+
+
+if _HAS_TRITON and torch.cuda.is_available():
+    _triton_module()
+
+
+def _triton_params(q: torch.Tensor, p: KernelParams, settle: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton kernels' per-row parameters p1, p2, fp32 (B|1, H|1, T|1, C): λ for dot,
+    gaussian, laplace; β = λ/ν and α = (ν+D)/2 (+1 settling) for student_t; λ_c and
+    b_c = log π_c + (D/2 (+1 settling)) log λ_c for mixture (triton_attention's docstring)."""
+    H, D = q.shape[1], q.shape[-1]
+    lam = p.lam.float()
+    if p.kernel == "student_t":
+        nu = p.nu.float().view(1, H, 1, 1)
+        return lam / nu, (nu + D) / 2 + (1.0 if settle else 0.0)
+    if p.kernel == "mixture":
+        C = lam.shape[-1]
+        return lam, _log_mix(p, H, C, q.device) + (D / 2 + (1.0 if settle else 0.0)) * lam.log()
+    return lam[..., :1], lam[..., :1]
+
+
+def _autocast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Under CUDA autocast the Triton path runs in the autocast dtype, as SDPA does (autocast
+    does not cast a custom op's inputs; with qk_norm, q and k arrive in fp32, v in bf16)."""
+    if q.is_cuda and torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+        return q.to(dtype), k.to(dtype), v.to(dtype)
+    return q, k, v
+
+
+def _triton(q, k, v, p: KernelParams, mask, settle: bool) -> torch.Tensor:
+    if mask is not None:
+        raise ValueError("the triton path takes plain causal self-attention (T == S, no mask)")
+    q, k, v = _autocast(q, k, v)
+    p1, p2 = _triton_params(q, p, settle)
+    return _triton_module().flash_attention(q, k, v, p.kernel, p1, p2, settle, p.eps)
+
+
+def _auto(q, k, v, p: KernelParams, mask) -> str:
+    """The path `impl="auto"` takes (module docstring)."""
+    if _twice_differentiable:
+        return "sdpa" if p.kernel in _FAST else "reference"
+    ta = _triton_module() if q.is_cuda and mask is None and p.kernel != "dot" else None
+    if ta is not None and ta.supports(*_autocast(q, k, v)):
+        return "triton"
+    if p.kernel in _FAST:
+        return "sdpa"
+    # cached decoding on GPU (T < S or a ragged-batch mask) and the CPU: the exact O(T·S) path
+    return "flex" if q.is_cuda and mask is None and q.shape[-2] == k.shape[-2] else "reference"
 
 
 def twice_differentiable():
@@ -397,26 +494,28 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: KernelParams
               mask: torch.Tensor | None = None, settle: bool = False, impl: str = "auto") -> torch.Tensor:
     """Causal attention of T queries (B, H, T, D) over S ≥ T keys/values (B, Hkv, S, D).
 
-    impl: `auto` (the fast path for this kernel and device), `reference`, `sdpa`
-    (dot/gaussian/mixture), `dense` or `flex` (student_t/laplace; `flex` runs
-    uncompiled off CUDA, forward only on CPU).
+    impl: `auto` (the fast path for this kernel and device, module docstring), `triton`
+    (T == S, no mask; on CPU only under TRITON_INTERPRET=1), `reference`, `sdpa`
+    (dot/gaussian/mixture), `dense` or `flex` (student_t/laplace; `flex` runs uncompiled
+    off CUDA, forward only on CPU).
     """
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r}: must be one of {', '.join(IMPLS)}")
+    if impl == "auto":
+        impl = _auto(q, k, v, p, mask)
     if impl == "reference":
         return reference_attention(q, k, v, p, mask, settle)
+    if impl == "triton":
+        return _triton(q, k, v, p, mask, settle)
     if p.kernel in _FAST:
-        if impl not in ("auto", "sdpa"):
-            raise ValueError(f"impl={impl!r}: kernel {p.kernel} runs through sdpa or reference")
+        if impl != "sdpa":
+            raise ValueError(f"impl={impl!r}: kernel {p.kernel} runs through triton, sdpa or reference")
         return _FAST[p.kernel](q, k, v, p, mask, settle)
     if impl == "dense":
         return _distance_dense(q, k, v, p, mask, settle)
     if impl == "flex":
         return _distance_flex(q, k, v, p, mask, settle, compiled=q.is_cuda)
-    if impl != "auto":
-        raise ValueError(f"impl={impl!r}: must be one of auto, reference, sdpa, dense, flex")
-    if q.is_cuda and mask is None and q.shape[-2] == k.shape[-2]:
-        return _distance_flex(q, k, v, p, mask, settle)
-    # CPU, and cached decoding on GPU (T < S or a ragged-batch mask): the exact O(T·S) path.
-    return reference_attention(q, k, v, p, mask, settle)
+    raise ValueError(f"impl={impl!r}: kernel {p.kernel} runs through triton, flex, dense or reference")
 
 
 # -- the module ---------------------------------------------------------------------------

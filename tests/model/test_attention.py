@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from model import GPTConfig
 import model.attention  # noqa: F401
-from model.attention import CausalSelfAttention, KernelParams, attention, causal_mask, reference_attention
+from model.attention import (CausalSelfAttention, KernelParams, attention, causal_mask, reference_attention,
+                             twice_differentiable)
 
 ATTENTION = sys.modules["model.attention"]  # the module (the package exports a function of that name)
 
@@ -220,7 +221,9 @@ def _scores(q, k, p: KernelParams) -> torch.Tensor:
     kk = k.repeat_interleave(H // k.shape[1], 1)
     d2 = (q.unsqueeze(-2) - kk.unsqueeze(-3)).square().sum(-1)
     lam = p.lam[..., :1]
-    if p.kernel == "gaussian":
+    if p.kernel == "dot":
+        s = lam * (q @ kk.transpose(-2, -1))
+    elif p.kernel == "gaussian":
         s = -0.5 * lam * d2
     elif p.kernel == "student_t":
         nu = p.nu.view(1, H, 1, 1)
@@ -265,14 +268,56 @@ def test_typical_sq_distance_is_the_mean_over_visible_keys():
     assert rel(m, expected) < TOL
 
 
-# -- GPU: the fused (compiled FlexAttention / flash SDPA) paths ----------------------------
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_twice_differentiable_gives_second_derivatives(kernel):
+    """Inside twice_differentiable() every kernel has a double backward (pc's `settle`
+    differentiates through attention twice), equal to that of the definition (`_scores`,
+    d² by differences); outside it the CPU path of student_t/laplace (cdist) has none."""
+    t = leaves(kernel, "token", T=9, S=9, seed=4)
+
+    def second(attend):
+        y = attend(t["q"], t["k"], t["v"], params_of(kernel, t))
+        dq, = torch.autograd.grad(y.square().sum(), t["q"], create_graph=True)
+        return torch.autograd.grad(dq.square().sum(), [t["k"], t["log_lam"]])
+
+    def definition(q, k, v, p):
+        return _scores(q, k, p).softmax(-1) @ v.repeat_interleave(q.shape[1] // v.shape[1], 1)
+
+    with twice_differentiable():
+        path = ATTENTION._auto(t["q"], t["k"], t["v"], params_of(kernel, t), None)
+        assert path == ("sdpa" if kernel in ("dot", "gaussian", "mixture") else "reference")
+        got = second(attention)
+    for a, b in zip(got, second(definition)):
+        assert rel(a, b) < 1e-4
+    if kernel in ("student_t", "laplace"):
+        with pytest.raises(NotImplementedError, match="derivative"):
+            second(attention)
+
+
+def test_impl_is_checked():
+    t = leaves("gaussian", "head", T=5, S=5)
+    p = params_of("gaussian", t)
+    for impl, kernel in (("flex", "gaussian"), ("sdpa", "laplace"), ("fast", "gaussian")):
+        with pytest.raises(ValueError, match="impl="):
+            attention(t["q"], t["k"], t["v"], params_of(kernel, t), impl=impl)
+    assert ATTENTION._auto(t["q"], t["k"], t["v"], p, None) == "sdpa"  # CPU never takes triton
+
+
+# -- GPU: the fused paths (Triton; flash SDPA / compiled FlexAttention) ---------------------
+
+def _legacy(kernel: str) -> str:
+    return "sdpa" if kernel in ("dot", "gaussian", "mixture") else "flex"
+
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["auto", "legacy"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_gpu_fused_path_equals_reference(kernel, dtype):
-    """The fused path (flash SDPA / compiled FlexAttention) vs the fp32 reference on the same
-    inputs, at working values (D=64, λ ≈ 1/√D, ν ≈ 4), causal, GQA, odd length 333.
+def test_gpu_fused_path_equals_reference(kernel, dtype, impl):
+    """The fused paths vs the fp32 reference on the same inputs, at working values (D=64,
+    λ ≈ 1/√D, ν ≈ 4), causal, GQA, odd length 333: `auto` (the Triton kernels, flash SDPA for
+    dot) and `legacy` (augmented SDPA / compiled FlexAttention, kept until the benchmark
+    has decided between them).
 
     fp32: outputs and q/k/v gradients to 1e-4 (the kernels reassociate sums), precision-
     parameter gradients to 2e-3 (sums over every score). bf16: 3e-2 resp. 5e-2 for outputs
@@ -295,7 +340,7 @@ def test_gpu_fused_path_equals_reference(kernel, dtype):
             t["log_lam"].mul_(0.3).add_(-0.5 * math.log(64) + 0.3)
             t["nu_raw"].mul_(0.1).add_(math.log(math.expm1(3.5)))
         t32 = {n: x.detach().float().requires_grad_(True) for n, x in t.items()}
-        y, g = run(kernel, t, "auto")
+        y, g = run(kernel, t, "auto" if impl == "auto" else _legacy(kernel))
         y_ref, g_ref = run(kernel, t32, "reference")
         assert torch.isfinite(y).all()
         assert rel(y, y_ref) < tol, (mode, rel(y, y_ref))
