@@ -483,13 +483,6 @@ def _auto(q, k, v, p: KernelParams, mask) -> str:
     return "flex" if q.is_cuda and mask is None and q.shape[-2] == k.shape[-2] else "reference"
 
 
-def twice_differentiable():
-    """A context in which attention can be differentiated twice (the `settle` PC algorithm
-    differentiates a gradient): SDPA's math backend, which has a double backward."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    return sdpa_kernel([SDPBackend.MATH])
-
-
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: KernelParams, *,
               mask: torch.Tensor | None = None, settle: bool = False, impl: str = "auto") -> torch.Tensor:
     """Causal attention of T queries (B, H, T, D) over S ≥ T keys/values (B, Hkv, S, D).

@@ -687,20 +687,12 @@ def _settle_step(model, idx, targets, grad_scale, label_smoothing, optimizer):
     """E(x_T)/β through the unrolled settling; only the last `truncate` steps are differentiated.
 
     Differentiating a settling step differentiates a gradient: the fused attention kernels
-    have no double backward, so the unrolled steps run attention through a twice-
-    differentiable path (T = 0 needs no double backward and keeps the fused one)."""
+    have first derivatives only, so the unrolled steps run attention through its twice-
+    differentiable paths (T = 0 needs no double backward and keeps the fused one)."""
     if model.config.pc.settle_steps == 0:
         return _settle_unrolled(model, idx, targets, grad_scale, label_smoothing)
-    try:
-        with twice_differentiable():
-            return _settle_unrolled(model, idx, targets, grad_scale, label_smoothing)
-    except (NotImplementedError, RuntimeError) as err:
-        if "derivative" not in str(err) and "double backward" not in str(err):
-            raise
-        raise NotImplementedError(
-            f"pc.algorithm='settle' differentiates through the settling steps (a double backward), "
-            f"and attention.kernel={model.config.attention.kernel!r} runs through an op without one "
-            f"({err}); use pc.algorithm pc or ipc, or a dot/gaussian/mixture kernel") from err
+    with twice_differentiable():
+        return _settle_unrolled(model, idx, targets, grad_scale, label_smoothing)
 
 
 def _settle_unrolled(model, idx, targets, grad_scale, label_smoothing):
