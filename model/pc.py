@@ -878,6 +878,11 @@ class PCGPT(GPT):
         super().compile(**kwargs)
         if self.config.pc.algorithm == "settle":
             return
+        if self.config.pc.fixed_predictions:
+            # fixed-prediction settling takes T vector-Jacobian products through one forward
+            # graph (retain_graph=True); AOTAutograd's donated buffers free the saved tensors at
+            # the first backward, so keep them (torch._functorch.config; a process-wide switch)
+            torch._functorch.config.donated_buffer = False
         for block in self.blocks:
             block.compile(**kwargs)
         self.head_loss = torch.compile(self.head_loss, **kwargs)
