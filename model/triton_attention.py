@@ -29,21 +29,24 @@ first and writes Δ; `_bwd_dkdv` (per key block, looping over the query heads of
 for GQA, so no atomics) writes dk, dv.
 
 Parameter gradients are row sums dθ_i = Σ_j g_ij f_ij (f = ∂ℓ/∂θ_i). Δ from the bf16 output
-is off by ~2⁻⁹, and that error times Σ_j P_ij f_ij (~α for student_t) would swamp them (the
-issue the FlexAttention path had to centre away). `_bwd_dq` sees every key of its rows, so
-it accumulates G_i = Σ_j g_ij, A_i = Σ_j g_ij f_ij and V_i = Σ_j P_ij f_ij and returns
-A_i − G_i V_i = Σ_j P_ij (dP_ij − W_i) f_ij with the exact W_i = Σ_j P_ij dP_ij: the
-gradient with Δ replaced by its fp32 value, at the cost of three row sums per tile.
+is off by ~2⁻⁹, and that error times Σ_j P_ij f_ij (~α for student_t) would swamp them.
+`_bwd_dq` sees every key of its rows, so it accumulates G_i = Σ_j g_ij, A_i = Σ_j g_ij f_ij
+and V_i = Σ_j P_ij f_ij and returns A_i − G_i V_i = Σ_j P_ij (dP_ij − W_i) f_ij with the
+exact W_i = Σ_j P_ij dP_ij: the gradient with Δ replaced by its fp32 value, at the cost of
+three row sums per tile.
 
 The per-row gradients (B, H, T, C) are summed to p1/p2's shapes by autograd. The kernels are
 wrapped as torch custom ops (`pcgpt::flash_attention_fwd` / `_bwd`) with a registered
-autograd formula, so they run inside torch.compile and CUDA graphs (no host syncs; autotuning
-happens on the first call, which must come before any graph capture). There is no double
-backward: model.attention.twice_differentiable() routes around these kernels.
+autograd formula, so they run inside torch.compile; eager calls run the same launches through
+an autograd.Function with less host work (`_EagerAttention`). CUDA graphs capture both (no
+host syncs; autotuning happens on the first call per shape, which must come before any graph
+capture). There is no double backward: model.attention.twice_differentiable() routes around
+these kernels.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -512,24 +515,48 @@ def _bwd_dkdv(Q, K, V, DO, DK, DV, LSE, QN, DELTA, P1, P2,
 
 
 # -- launchers ---------------------------------------------------------------------------------
+# Outside CUDA graphs the GPU waits for the host at short lengths (at (8,12,1024,64) bf16 on an
+# H200, eager fwd+bwd took several times the graph replay), so one call's Python is kept short:
+# what depends only on shapes is computed once per shape, the autotuner is consulted once per
+# autotune key, and eager calls skip the dispatcher's Python layers (`_EagerAttention`).
+# tests/bench/attention_host.py times that Python on a CPU.
 
-def _strides(x: torch.Tensor) -> list[int]:
-    """Strides of the (B, H, T) dims of a (B, H, T, D) tensor with a contiguous last dim."""
-    assert x.stride(-1) == 1, "the head dim must be contiguous"
-    return list(x.stride()[:3])
+def _strides(*xs: torch.Tensor) -> list[int]:
+    """The (B, H, T) strides of (B, H, T, D) tensors whose head dim is contiguous."""
+    return [s for x in xs for s in x.stride()[:3]]
 
 
-def _param_strides(p: torch.Tensor) -> list[int]:
+def _param_strides(*ps: torch.Tensor) -> list[int]:
     """(B|1, H|1, T|1, C) parameters: a size-1 dim is read with stride 0 (broadcast)."""
-    return [0 if n == 1 else s for n, s in zip(p.shape, p.stride())]
+    return [0 if n == 1 else s for p in ps for n, s in zip(p.shape, p.stride())]
 
 
-def _meta(q: torch.Tensor, k: torch.Tensor, kernel: str, settle: bool, C: int) -> dict:
+@functools.cache
+def _meta(kernel: str, settle: bool, C: int, D: int, even: bool, dtype: torch.dtype) -> dict:
+    """The kernels' constexprs for one call shape (one shared dict per shape: read only)."""
     # SETTLE changes laplace's score only (the others take it through p1, p2): one binary for both
-    return dict(KERNEL=KERNELS[kernel], SETTLE=bool(settle) and kernel == "laplace", C=C, CP=max(2, triton.next_power_of_2(C)),
-                D=q.shape[-1], EVEN=q.shape[-2] % _ALIGN == 0,
+    return dict(KERNEL=KERNELS[kernel], SETTLE=settle and kernel == "laplace", C=C, CP=max(2, triton.next_power_of_2(C)),
+                D=D, EVEN=even,
                 # fp32: three tf32 products per product (tensor cores, ~fp32 accuracy)
-                PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32", FAST=not _INTERPRET)
+                PRECISION="tf32x3" if dtype == torch.float32 else "tf32", FAST=not _INTERPRET)
+
+
+_TUNED: dict[tuple, dict] = {}
+"""(autotuned kernel, T, G, _meta's arguments) -> the launch options of the config it chose."""
+
+
+def _launch(kernel, grid, args: list, meta: dict, key: tuple) -> None:
+    """kernel[grid](*args, **meta) for a triton.autotune'd kernel, asking the autotuner only on
+    the first call per key (the autotune key _KEY: T, G and the shape/dtype constexprs; every
+    tensor's dtype follows q's). On every call the autotuner builds its key from a dict of all
+    ~40 arguments, checked by name against a list, and a dtype string per tensor: tens of µs of
+    host time per launch. The launch itself is the one the autotuner makes."""
+    config = _TUNED.get((kernel, key))
+    if config is None:
+        kernel[grid](*args, **meta)  # autotunes for this key, or finds its cached choice
+        _TUNED[kernel, key] = kernel.best_config.all_kwargs()
+    else:
+        kernel.fn.run(*args, grid=grid, warmup=False, **meta, **config)
 
 
 def _new_output(q: torch.Tensor) -> torch.Tensor:
@@ -538,21 +565,53 @@ def _new_output(q: torch.Tensor) -> torch.Tensor:
     return q.new_empty(B, T, H, D).transpose(1, 2)
 
 
-@torch.library.custom_op("pcgpt::flash_attention_fwd", mutates_args=())
-def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor,
-                kernel: str, settle: bool, eps: float
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor,
+             kernel: str, settle: bool, eps: float
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """o, the row log-sum-exp (log2 units), ‖q‖², ‖k‖² (fp32)."""
+    assert q.stride(-1) == k.stride(-1) == v.stride(-1) == 1, "the head dim must be contiguous"
     B, H, T, D = q.shape
     Hkv = k.shape[1]
+    spec = (kernel, settle, p1.shape[-1], D, T % _ALIGN == 0, q.dtype)  # _meta's arguments
     f32 = dict(device=q.device, dtype=torch.float32)
     o = _new_output(q)
     lse, qn, kn = torch.empty(B, H, T, **f32), torch.empty(B, H, T, **f32), torch.empty(B, Hkv, T, **f32)
     _sq_norm[(B * Hkv, triton.cdiv(T, 64))](k, kn, *_strides(k), Hkv, T, D=D, BLOCK=64)
-    meta = _meta(q, k, kernel, settle, p1.shape[-1])
     grid = lambda m: (B * H, triton.cdiv(T, m["BLOCK_M"]))  # noqa: E731 (axis 0 runs fastest)
-    _fwd[grid](q, k, v, o, lse, qn, kn, p1, p2, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-               *_param_strides(p1), *_param_strides(p2), H, H // Hkv, T, eps, **meta)
+    _launch(_fwd, grid, [q, k, v, o, lse, qn, kn, p1, p2, *_strides(q, k, v, o), *_param_strides(p1, p2),
+                         H, H // Hkv, T, eps], _meta(*spec), (T, H // Hkv, *spec))
     return o, lse, qn, kn
+
+
+def _backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+              lse: torch.Tensor, qn: torch.Tensor, kn: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor,
+              kernel: str, settle: bool, eps: float
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv and the per-row parameter gradients d1, d2 (B, H, T, C)."""
+    B, H, T, D = q.shape
+    Hkv, C = k.shape[1], p1.shape[-1]
+    if do.stride(-1) != 1:
+        do = do.contiguous()
+    spec = (kernel, settle, C, D, T % _ALIGN == 0, q.dtype)
+    meta, key = _meta(*spec), (T, H // Hkv, *spec)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    f32 = dict(device=q.device, dtype=torch.float32)
+    delta, d1, d2 = torch.empty(B, H, T, **f32), torch.empty(B, H, T, C, **f32), torch.empty(B, H, T, C, **f32)
+    ps = _param_strides(p1, p2)
+    grid = lambda m: (B * H, triton.cdiv(T, m["BLOCK_M"]))  # noqa: E731
+    _launch(_bwd_dq, grid, [q, k, v, o, do, dq, lse, kn, delta, p1, p2, d1, d2, *_strides(q, k, v, o, do, dq), *ps,
+                            H, H // Hkv, T, eps], meta, key)
+    grid = lambda m: (B * Hkv, triton.cdiv(T, m["BLOCK_N"]))  # noqa: E731
+    _launch(_bwd_dkdv, grid, [q, k, v, do, dk, dv, lse, qn, delta, p1, p2, *_strides(q, k, v, do, dk, dv), *ps,
+                              H, H // Hkv, T, eps], meta, key)
+    return dq, dk, dv, d1, d2
+
+
+@torch.library.custom_op("pcgpt::flash_attention_fwd", mutates_args=())
+def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor,
+                kernel: str, settle: bool, eps: float
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, p1, p2, kernel, settle, eps)
 
 
 @_forward_op.register_fake
@@ -567,22 +626,7 @@ def _backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
                  lse: torch.Tensor, qn: torch.Tensor, kn: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor,
                  kernel: str, settle: bool, eps: float
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    B, H, T, D = q.shape
-    Hkv, C = k.shape[1], p1.shape[-1]
-    if do.stride(-1) != 1:
-        do = do.contiguous()
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    f32 = dict(device=q.device, dtype=torch.float32)
-    delta, d1, d2 = torch.empty(B, H, T, **f32), torch.empty(B, H, T, C, **f32), torch.empty(B, H, T, C, **f32)
-    meta = _meta(q, k, kernel, settle, C)
-    ps = [*_param_strides(p1), *_param_strides(p2)]
-    grid = lambda m: (B * H, triton.cdiv(T, m["BLOCK_M"]))  # noqa: E731
-    _bwd_dq[grid](q, k, v, o, do, dq, lse, kn, delta, p1, p2, d1, d2, *_strides(q), *_strides(k), *_strides(v),
-                  *_strides(o), *_strides(do), *_strides(dq), *ps, H, H // Hkv, T, eps, **meta)
-    grid = lambda m: (B * Hkv, triton.cdiv(T, m["BLOCK_N"]))  # noqa: E731
-    _bwd_dkdv[grid](q, k, v, do, dk, dv, lse, qn, delta, p1, p2, *_strides(q), *_strides(k), *_strides(v),
-                    *_strides(do), *_strides(dk), *_strides(dv), *ps, H, H // Hkv, T, eps, **meta)
-    return dq, dk, dv, d1, d2
+    return _backward(do, q, k, v, o, lse, qn, kn, p1, p2, kernel, settle, eps)
 
 
 @_backward_op.register_fake
@@ -605,13 +649,18 @@ def _setup_context(ctx, inputs, output):
     ctx.kernel, ctx.settle, ctx.eps = kernel, settle, eps
 
 
-def _backward(ctx, do, _lse, _qn, _kn):
+def _gradients(ctx, do: torch.Tensor, backward) -> tuple:
+    """The inputs' gradients from dO, with `backward` the op or its body (`_EagerAttention`)."""
     q, k, v, p1, p2, o, lse, qn, kn = ctx.saved_tensors
-    dq, dk, dv, d1, d2 = _backward_op(do, q, k, v, o, lse, qn, kn, p1, p2, ctx.kernel, ctx.settle, ctx.eps)
+    dq, dk, dv, d1, d2 = backward(do, q, k, v, o, lse, qn, kn, p1, p2, ctx.kernel, ctx.settle, ctx.eps)
     two = ctx.kernel in ("student_t", "mixture")                   # kernels with a second parameter
     dp1 = _sum_to(d1, p1) if ctx.needs_input_grad[3] else None
     dp2 = _sum_to(d2, p2) if ctx.needs_input_grad[4] and two else None
     return dq, dk, dv, dp1, dp2, None, None, None
+
+
+def _op_backward(ctx, do, _lse, _qn, _kn):
+    return _gradients(ctx, do, _backward_op)
 
 
 def _no_double_backward(ctx, *grads):
@@ -619,8 +668,29 @@ def _no_double_backward(ctx, *grads):
                        "through attention twice inside model.attention.twice_differentiable()")
 
 
-_forward_op.register_autograd(_backward, setup_context=_setup_context)
+_forward_op.register_autograd(_op_backward, setup_context=_setup_context)
 _backward_op.register_autograd(_no_double_backward)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """pcgpt::flash_attention_fwd with its autograd, called directly: the same launches and
+    gradients without the custom op's Python layers (dispatcher redispatch, argument default
+    filling, the output-aliasing check; ~35 µs of host time per forward on a CPU), and without
+    zero gradients materialised for the unused lse, qn, kn. torch.compile traces the op instead
+    (`flash_attention`); CUDA graphs capture either."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, p1, p2, kernel, settle, eps):
+        output = _forward(q, k, v, p1, p2, kernel, settle, eps)
+        _setup_context(ctx, (q, k, v, p1, p2, kernel, settle, eps), output)
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)
+        return output
+
+    @staticmethod
+    def backward(ctx, do, _lse, _qn, _kn):
+        # create_graph=True: through the op, whose own backward refuses a second derivative
+        return _gradients(ctx, do, _backward_op if torch.is_grad_enabled() else _backward)
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -638,4 +708,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: s
     """Causal attention of q (B, H, T, D) over k, v (B, Hkv, T, D) with score kernel `kernel`.
 
     p1, p2: fp32 (B|1, H|1, T|1, C) per-row parameters (module docstring); returns (B, H, T, D)."""
-    return _forward_op(q, k, v, p1.float(), p2.float(), kernel, bool(settle), float(eps))[0]
+    args = (q, k, v, p1.float(), p2.float(), kernel, bool(settle), float(eps))
+    if torch.compiler.is_compiling():
+        return _forward_op(*args)[0]  # one opaque op in the graph
+    if not torch.is_grad_enabled():
+        return _forward(*args)[0]
+    return _EagerAttention.apply(*args)[0]

@@ -5,12 +5,14 @@ Run: python tests/bench/bench_attention.py [--quick] [--shapes 8,12,1024,64 4,12
 
 For each (B, H, L, D[, Hkv]) in bf16, causal, `head` precision (a learned λ per head, so
 its gradient is computed too), student_t ν learned, mixture C = 2 with learned weights, and
-each path (`impl`): `triton` (model/triton_attention.py), `legacy` (augmented SDPA for
-gaussian/mixture, compiled FlexAttention for student_t/laplace, flash SDPA for dot) and
-`reference` (the explicit O(L²) definition): the median time of forward + backward over q, k,
-v and the kernel parameters by triton.testing.do_bench (CUDA events, L2 flushed; compile and
-autotuning happen in warm-up runs first), eagerly and as a captured CUDA graph (no launch
-gaps: the kernels' own time), the peak memory, and ‖x − x_ref‖/‖x_ref‖ of y, dq, dk, dv, dλ
+each path (`impl`): `triton` (model/triton_attention.py), `legacy` (SDPA: flash for dot, the
+baseline every row is divided by; on augmented inputs for gaussian/mixture, their path for
+cached decoding and masks; none for student_t/laplace) and `reference` (the explicit O(L²)
+definition): the median time of forward + backward over q, k, v and the kernel parameters by
+triton.testing.do_bench (CUDA events, L2 flushed; compile and autotuning happen in warm-up
+runs first), eagerly (host time included: tests/bench/attention_host.py times the Triton
+path's on a CPU) and as a captured CUDA graph (no launch gaps: the kernels' own time), the
+peak memory, and ‖x − x_ref‖/‖x_ref‖ of y, dq, dk, dv, dλ
 (the log-precision's gradient) and dν (student_t) against the reference in fp32 on the
 same bf16 inputs (computed one batch element at a time, so it fits at L = 4096).
 `dot` here is the plain 1/√D baseline, so n/a for dλ; its `triton` row is the same Triton
@@ -51,9 +53,9 @@ from model.attention import KernelParams, attention  # noqa: E402
 KERNELS = ["dot", "gaussian", "student_t", "laplace", "mixture"]
 IMPLS = ["triton", "legacy", "reference"]
 N_COMPONENTS = 2
-LEGACY = {"dot": "sdpa", "gaussian": "sdpa", "mixture": "sdpa", "student_t": "flex", "laplace": "flex"}
+LEGACY = {"dot": "sdpa", "gaussian": "sdpa", "mixture": "sdpa"}
+"""The `legacy` path per kernel (model.attention's impl); student_t and laplace have none."""
 PATH = {("dot", "legacy"): "SDPA (flash)", ("gaussian", "legacy"): "SDPA, augmented q/k",
-        ("student_t", "legacy"): "FlexAttention + score_mod", ("laplace", "legacy"): "FlexAttention + score_mod",
         ("mixture", "legacy"): f"SDPA over {N_COMPONENTS}×keys"}
 MUFU_PER_SCORE = {"dot": (1, 1, 1), "gaussian": (1, 1, 1), "student_t": (2, 3, 3), "laplace": (2, 2, 2),
                   "mixture": (N_COMPONENTS,) * 3}
@@ -171,6 +173,11 @@ def time_impl(kernel: str, t: dict, dy: torch.Tensor, impl: str) -> dict:
     return row
 
 
+def paths(kernel: str, impls: list[str]) -> list[str]:
+    """The requested impls this kernel has."""
+    return [i for i in impls if i != "legacy" or kernel in LEGACY]
+
+
 def bench_kernel(kernel: str, shapes: list[str], impls: list[str]):
     """Yields one row per path, shape by shape."""
     for s in shapes:
@@ -178,7 +185,7 @@ def bench_kernel(kernel: str, shapes: list[str], impls: list[str]):
         t = make_inputs(kernel, shape, DTYPE)
         dy = torch.randn(*shape[:3], shape[3], device=DEVICE, dtype=DTYPE)
         timed = []
-        for impl in impls:
+        for impl in paths(kernel, impls):
             try:
                 timed.append(time_impl(kernel, t, dy, impl))
             except Exception as err:  # noqa: BLE001 (report, go on with the next path)
@@ -334,7 +341,7 @@ def main(argv=None) -> None:
                 err = (proc.stderr.strip().splitlines() or ["?"])[-1]
                 print(f"{kernel}: FAILED (exit {proc.returncode}): {err}", flush=True)
                 rows += [dict(kernel=kernel, impl=i, path=i, shape=list(parse_shape(s)), error=err)
-                         for s in args.shapes for i in args.impls if (parse_shape(s), i) not in done]
+                         for s in args.shapes for i in paths(kernel, args.impls) if (parse_shape(s), i) not in done]
             print(f"{kernel}: {time.perf_counter() - start:.0f} s", flush=True)
     print()
     print(table(rows, ceil, device))

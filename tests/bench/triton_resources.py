@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
 
-class _Sm90:
+class Sm90Driver:
     """Just enough of a triton driver to compile (JITFunction.warmup) for sm_90."""
 
     def is_active(self):
@@ -63,7 +63,7 @@ def resources(compiled, sass: bool) -> str:
 
 
 def main(argv=None) -> None:
-    driver.set_active(_Sm90())
+    driver.set_active(Sm90Driver())
     from model import triton_attention as ta
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -81,18 +81,16 @@ def main(argv=None) -> None:
         o = ta._new_output(q)
         rows, kn = torch.empty(B, H, T, **f32), torch.empty(B, Hkv, T, **f32)
         p, d = torch.empty(1, H, 1, C, **f32), torch.empty(B, H, T, C, **f32)
-        ps = [*ta._param_strides(p), *ta._param_strides(p)]
+        ps = ta._param_strides(p, p)
         st = ta._strides
         common = [H, H // Hkv, T, 1e-6]
         launches = {
-            "fwd": (ta._fwd, [q, k, v, o, rows, rows, kn, p, p, *st(q), *st(k), *st(v), *st(o), *ps, *common]),
-            "dq": (ta._bwd_dq, [q, k, v, o, o, q, rows, kn, rows, p, p, d, d, *st(q), *st(k), *st(v), *st(o), *st(o),
-                                *st(q), *ps, *common]),
-            "dkdv": (ta._bwd_dkdv, [q, k, v, o, k, v, rows, rows, rows, p, p, *st(q), *st(k), *st(v), *st(o), *st(k),
-                                    *st(v), *ps, *common]),
+            "fwd": (ta._fwd, [q, k, v, o, rows, rows, kn, p, p, *st(q, k, v, o), *ps, *common]),
+            "dq": (ta._bwd_dq, [q, k, v, o, o, q, rows, kn, rows, p, p, d, d, *st(q, k, v, o, o, q), *ps, *common]),
+            "dkdv": (ta._bwd_dkdv, [q, k, v, o, k, v, rows, rows, rows, p, p, *st(q, k, v, o, k, v), *ps, *common]),
         }
         for settle in (False, True) if kernel == "laplace" else (False,):
-            meta = ta._meta(q, k, kernel, settle, C)
+            meta = ta._meta(kernel, settle, C, D, T % ta._ALIGN == 0, q.dtype)
             for name, (autotuned, launch) in launches.items():
                 for cfg in autotuned.configs:
                     label = (f"{kernel}{' settle' if settle else ''} {name} BLOCK_M={cfg.kwargs['BLOCK_M']} "

@@ -34,7 +34,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def leaves(kernel: str, mode: str, *, B=2, H=4, Hkv=2, T=21, D=16, C=3, dtype=torch.float32, seed=0) -> dict:
-    """Random q, k, v and precision parameters at working values (λ ≈ 1/√D, ν ≈ 4), as leaves."""
+    """Random q, k, v and precision parameters at working values (λ ≈ 1/√D, ν ≈ 4), as leaves
+    (`fixed`: λ and the mixture weights constant, the weights uniform, as in the model)."""
     g = torch.Generator().manual_seed(seed)
     C = C if kernel == "mixture" else 1
 
@@ -45,12 +46,13 @@ def leaves(kernel: str, mode: str, *, B=2, H=4, Hkv=2, T=21, D=16, C=3, dtype=to
     lam_shape = {"fixed": (1, 1, 1, C), "head": (1, H, 1, C), "token": (B, H, T, C)}[mode]
     return dict(q=rnd(B, H, T, D, dt=dtype), k=rnd(B, Hkv, T, D, dt=dtype), v=rnd(B, Hkv, T, D, dt=dtype),
                 log_lam=rnd(*lam_shape, scale=0.3, shift=-0.5 * math.log(D)).requires_grad_(mode != "fixed"),
-                nu_raw=rnd(H, scale=0.3, shift=math.log(math.expm1(3.5))), mix=rnd(H, C, scale=0.5))
+                nu_raw=rnd(H, scale=0.3, shift=math.log(math.expm1(3.5))),
+                mix=rnd(H, C, scale=0.5).requires_grad_(mode != "fixed"))
 
 
 def run(kernel: str, t: dict, impl: str, settle: bool = False):
     nu = F.softplus(t["nu_raw"]) + 0.5 if kernel == "student_t" else None
-    log_mix = t["mix"].log_softmax(-1) if kernel == "mixture" else None
+    log_mix = t["mix"].log_softmax(-1) if kernel == "mixture" and t["mix"].requires_grad else None  # None: uniform
     p = KernelParams(kernel, t["log_lam"].exp(), nu, log_mix, 1e-6)
     y = attention(t["q"], t["k"], t["v"], p, impl=impl, settle=settle)
     weight = torch.linspace(-1, 1, y.numel(), device=y.device).view_as(y)  # a generic upstream gradient
