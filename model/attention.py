@@ -19,27 +19,30 @@ The clamps are hard (zero gradient outside): they bound the kernels, they are
 not a prior.
 
 How each kernel runs (`attention(..., impl="auto")`):
-- `dot`: F.scaled_dot_product_attention (flash on GPU).
-- `gaussian`: SDPA on augmented q' = [λq, −λ/2], k' = [k, ‖k‖²], scale 1: the raw
-  score is λq·k − (λ/2)‖k‖², which differs from −(λ/2)d² by −(λ/2)‖q‖², constant
-  over keys, so the softmax is the same.
-- `student_t`, `laplace`: q' = [2q, −‖q‖², −1], k' = [k, 1, ‖k‖²] make the raw
-  score −d²; a pointwise `score_mod` turns it into ℓ, reading β (= λ/ν resp. λ)
-  and α = (ν+D)/2 from fp32 tensors per query row (`_row_params`: per row so the
-  backward's atomic adds for their gradients spread over B·H·T addresses, and in
-  the score_mod rather than q' so those gradients are fp32 sums; student_t's log1p
-  is centred per row, `_score_mod`). On CUDA this
-  runs fused in FlexAttention (compiled); on CPU the exact reference below is the
-  path (`impl="dense"` materialises the same augmentation + score_mod, and is
-  what the CPU tests check the fused formula with).
-- `mixture`: SDPA over C×keys: block-diagonal q' = ⊕_c [λ_c q, −λ_c/2, b_c],
-  k'_(c,j) = e_c ⊗ [k_j, ‖k_j‖², 1], values repeated C times, with the per-query
-  bias b_c = −(λ_c/2)‖q‖² + (D/2) log λ_c + log π_c (the ‖q‖² term does not cancel
-  across components). Softmax over (j, c) summed over c is the mixture's softmax.
-Augmented head dims are zero-padded to a multiple of 8 (SDPA) or 16 (Flex)
-so the fused kernels accept them; zero columns change nothing. In bf16 each
-norm / bias column is stored as two columns hi + lo (`_split`): a single bf16
-‖k‖² ≈ D would put an error of ~D·2⁻⁹ into every score.
+- CUDA, T == S, no extra mask, a bf16/fp16/fp32 head dim of 16…128: `gaussian`,
+  `student_t`, `laplace` and `mixture` run in the Triton flash kernels of
+  triton_attention.py, which compute each score inline from q·k and the fp32 norms
+  ‖q‖², ‖k‖² (no augmented head dims), mixture with its C components inside one pass,
+  forward and backward (q, k, v and every precision parameter), as torch custom ops
+  that torch.compile and CUDA graphs take. `dot` stays on SDPA's flash kernel.
+- Otherwise (CPU, cached decoding with T < S, a ragged-batch mask, other head dims):
+  `dot`, `gaussian` and `mixture` run through SDPA on augmented inputs, `student_t`
+  and `laplace` through the exact O(T·S) reference:
+  - `gaussian`: SDPA on augmented q' = [λq, −λ/2], k' = [k, ‖k‖²], scale 1: the raw
+    score is λq·k − (λ/2)‖k‖², which differs from −(λ/2)d² by −(λ/2)‖q‖², constant
+    over keys, so the softmax is the same.
+  - `mixture`: SDPA over C×keys: block-diagonal q' = ⊕_c [λ_c q, −λ_c/2, b_c],
+    k'_(c,j) = e_c ⊗ [k_j, ‖k_j‖², 1], values repeated C times, with the per-query
+    bias b_c = −(λ_c/2)‖q‖² + (D/2) log λ_c + log π_c (the ‖q‖² term does not cancel
+    across components). Softmax over (j, c) summed over c is the mixture's softmax.
+  Augmented head dims are zero-padded to a multiple of 8 so SDPA's fused kernels accept
+  them; zero columns change nothing. In bf16 each norm / bias column is stored as two
+  columns hi + lo (`_split`): a single bf16 ‖k‖² ≈ D would put an error of ~D·2⁻⁹
+  into every score.
+`impl=` forces one path (`triton`, `sdpa`, `reference`): the benchmark and the tests
+compare them. Inside `twice_differentiable()` (pc's `settle`, which differentiates
+through attention twice) `auto` takes paths with a double backward: SDPA's math
+backend, and the reference for student_t/laplace.
 
 Attention settling (`attention.settle_steps`): before the output is taken, the
 queries move toward the keys that explain them, q ← q + rate·(Σ_j a_ij k_j − q),
@@ -54,13 +57,15 @@ cached generation equals uncached generation.
 
 from __future__ import annotations
 
-import functools
+import contextlib
+import importlib.util
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import GPTConfig
 
@@ -115,11 +120,6 @@ def causal_mask(T: int, S: int, device=None) -> torch.Tensor:
     return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
 
 
-def _pad_last(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    extra = -x.shape[-1] % multiple
-    return F.pad(x, (0, extra)) if extra else x
-
-
 def _common_width(*xs: torch.Tensor) -> list[torch.Tensor]:
     """Zero-pad the last dims of augmented q', k' and v to one multiple of 8: equal head
     dims keep SDPA's flash kernel eligible, and zero columns change neither the scores
@@ -153,9 +153,10 @@ def _log_mix(p: KernelParams, H: int, C: int, device) -> torch.Tensor:
 
 def _squared_distances(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """‖q_i − k_j‖², fp32. CPU: by differences (torch.cdist without the matmul trick).
-    CUDA: the expansion ‖q‖² + ‖k‖² − 2q·k in fp64, exact to fp32 precision (cdist's
-    CUDA kernel is avoided: it faulted on the benchmark's 96×1024×1024 batch)."""
-    if not q.is_cuda:
+    CUDA, and inside twice_differentiable() (cdist has no double backward): the expansion
+    ‖q‖² + ‖k‖² − 2q·k in fp64, exact to fp32 precision (cdist's CUDA kernel is avoided:
+    it faulted on the benchmark's 96×1024×1024 batch)."""
+    if not q.is_cuda and not _twice_differentiable:
         return torch.cdist(q, k, compute_mode="donot_use_mm_for_euclid_dist").square()
     q, k = q.double(), k.double()
     d2 = q.square().sum(-1, keepdim=True) + k.square().sum(-1).unsqueeze(-2) - 2 * q @ k.transpose(-2, -1)
@@ -251,165 +252,110 @@ def _mixture(q, k, v, p: KernelParams, mask, settle: bool) -> torch.Tensor:
     return _sdpa(*_common_width(qa, ka, va), allowed, scale=1.0)[..., :v.shape[-1]]
 
 
-# student_t / laplace: q' = [2q, −‖q‖², −1], k' = [k, 1, ‖k‖²] make the raw score −d², and a
-# pointwise score_mod applies the kernel with its parameters read per query row.
-
-def _distance_augment(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """q' = [2q, −‖q‖², −1], k' = [k, 1, ‖k‖²] (norm columns split hi/lo), zero-padded to
-    a multiple of 16: q'·k' = −d². The precision stays out of q' (see `_score_mod`)."""
-    qn = q.float().square().sum(-1, keepdim=True)
-    minus_one = torch.full_like(q[..., :1], -1.0)
-    qa = torch.cat([2 * q, _split(-qn, q.dtype), minus_one, minus_one], dim=-1)
-    one = torch.ones_like(k[..., :1])
-    ka = torch.cat([k, one, one, _split(k.float().square().sum(-1, keepdim=True), k.dtype)], dim=-1)
-    return _pad_last(qa, 16), _pad_last(ka, 16)
-
-
-def _typical_sq_distance(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """m_i: the mean of ‖q_i − k_j‖² over the keys j a query may see (j ≤ S−T+i), fp32
-    (B, H, T), detached: a per-row constant that only sets where log1p is centred (below)."""
-    with torch.no_grad():
-        B, H, T, D = q.shape
-        S = k.shape[-2]
-        qf, kf = q.float(), k.float()
-        n = torch.arange(S - T + 1, S + 1, device=q.device, dtype=torch.float32)          # keys seen
-        k_mean = _expand_kv(kf.cumsum(-2)[..., S - T:, :] / n.unsqueeze(-1), H)          # (B, H, T, D)
-        kn_mean = _expand_kv((kf.square().sum(-1, keepdim=True).cumsum(-2)[..., S - T:, :]
-                              / n.unsqueeze(-1)), H).squeeze(-1)                      # (B, H, T)
-        return qf.square().sum(-1) - 2 * (qf * k_mean).sum(-1) + kn_mean
-
-
-def _row_params(q: torch.Tensor, k: torch.Tensor, p: KernelParams, settle: bool
-                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """What the score_mod reads at [b, h, q_idx], each a contiguous fp32 (B, H, T) tensor:
-    r (laplace: λ; student_t: β/(1 + βm) with β = λ/ν), and for student_t α = (ν+D)/2
-    (+1 when settling) and m (`_typical_sq_distance`).
-
-    Per query row, not per head: FlexAttention's backward sends the gradient of a captured
-    tensor by atomic adds from every score to the element that score read. Read per head,
-    all B·T²/2 scores of a head add into one address, one after another (ν per head: 95 ms
-    fwd+bwd at (8,12,1024,64) bf16 on an H200, 470× SDPA; per row: 2.3 ms); per row, each
-    query row has its own. Autograd sums the rows back to λ and ν through the expand."""
-    B, H, T, D = q.shape
-    lam = p.lam[..., 0].float()                                      # (B|1, H|1, T|1)
-    if p.kernel == "laplace":
-        return lam.expand(B, H, T).contiguous(), None, None
-    beta = lam / p.nu.float().view(1, H, 1)
-    alpha = ((p.nu.float() + D) / 2 + (1.0 if settle else 0.0)).view(1, H, 1).expand(B, H, T).contiguous()
-    m = _typical_sq_distance(q, k)
-    return (beta / (1 + beta * m)).contiguous(), alpha, m
-
-
-def _score_mod(p: KernelParams, r: torch.Tensor, alpha: torch.Tensor | None, m: torch.Tensor | None,
-               settle: bool):
-    """raw = −d² (the augmented product) -> ℓ (or ℓ + log w when settling), reading r, α, m
-    at [b, h, q_idx] (`_row_params`).
-
-    The precision multiplies here, in fp32, rather than in q': its gradient is then a sum of
-    fp32 score gradients, not a reduction of the bf16 dq' whose columns cancel (with the
-    centring below, on an H200 in bf16: 0.22 → 0.017 relative error in student_t's dλ,
-    0.27 → 0.017 in dν, for 0.43 ms of 2.3 at (8,12,1024,64)).
-    student_t is centred per row: ℓ − ℓ(m_i) = −α log((1 + βd²)/(1 + βm_i))
-    = −α log1p(r (d² − m_i)), r = β/(1 + βm_i). A per-row constant leaves the softmax and
-    the exact gradients unchanged; but the kernel's backward computes Δ_i = dO_i·O_i from
-    the bf16-rounded output, and that error, times Σ_j p_ij ∂ℓ_ij/∂(α, β), lands in the
-    parameter gradients: centring brings that sum from ~α to ~0 (CPU emulation of those
-    roundings: 0.24 → 0.035 relative error in dλ).
-    The max(−raw, 0) guards the rounding of the expanded product: d² is never negative."""
-    if p.kernel == "student_t":
-        def student_t(score, b, h, q_idx, kv_idx):
-            d2 = torch.clamp(-score, min=0.0)
-            return -alpha[b, h, q_idx] * torch.log1p(r[b, h, q_idx] * (d2 - m[b, h, q_idx]))
-        return student_t
-    eps = p.eps
-    if settle:
-        def laplace_settle(score, b, h, q_idx, kv_idx):
-            u = r[b, h, q_idx] * torch.clamp(-score, min=0.0) + eps
-            return -torch.sqrt(u) - 0.5 * torch.log(u)
-        return laplace_settle
-
-    def laplace(score, b, h, q_idx, kv_idx):
-        return -torch.sqrt(r[b, h, q_idx] * torch.clamp(-score, min=0.0) + eps)
-    return laplace
-
-
-def _distance_scoring(q, k, p: KernelParams, settle: bool):
-    """q', k' and the score_mod of the fused formula."""
-    qa, ka = _distance_augment(q, k)
-    return (qa, ka, _score_mod(p, *_row_params(q, k, p, settle), settle=settle))
-
-
-def _distance_dense(q, k, v, p: KernelParams, mask, settle: bool) -> torch.Tensor:
-    """The fused formula (augmentation + score_mod) with the scores materialised: the CPU check of it."""
-    B, H, T, D = q.shape
-    S = k.shape[-2]
-    qa, ka, score_mod = _distance_scoring(q, k, p, settle)
-    raw = (qa @ _expand_kv(ka, H).transpose(-2, -1)).float()
-    b, h, q_idx = (torch.arange(n, device=q.device).view(*([1] * i), n, *([1] * (3 - i)))
-                   for i, n in enumerate((B, H, T)))                # (B,1,1,1), (1,H,1,1), (1,1,T,1)
-    s = score_mod(raw, b, h, q_idx, torch.arange(S, device=q.device))
-    allowed = causal_mask(T, S, q.device) if mask is None else mask
-    s = s.masked_fill(~allowed, float("-inf"))
-    return (s.softmax(-1).to(v.dtype) @ _expand_kv(v, H)).to(q.dtype)
-
-
-@functools.cache
-def _compiled_flex():
-    from torch.nn.attention.flex_attention import flex_attention
-    return torch.compile(flex_attention, dynamic=False)
-
-
-@functools.lru_cache(maxsize=16)
-def _causal_block_mask(T: int, device: torch.device):
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    def causal(b, h, q_idx, kv_idx):
-        return kv_idx <= q_idx
-    return create_block_mask(causal, None, None, T, T, device=device)
-
-
-def _distance_flex(q, k, v, p: KernelParams, mask, settle: bool, compiled: bool = True) -> torch.Tensor:
-    """FlexAttention: fused on CUDA (compiled). Causal, T == S, no extra mask."""
-    from torch.nn.attention.flex_attention import flex_attention
-    T, S = q.shape[-2], k.shape[-2]
-    if mask is not None or T != S:
-        raise ValueError("the flex path takes plain causal self-attention (T == S, no mask)")
-    qa, ka, score_mod = _distance_scoring(q, k, p, settle)
-    D = v.shape[-1]
-    va = F.pad(v, (0, 16 - D)) if D < 16 else v  # flex wants head dims >= 16
-    flex = _compiled_flex() if compiled else flex_attention
-    y = flex(qa, ka, va, score_mod=score_mod, block_mask=_causal_block_mask(T, q.device), scale=1.0,
-             enable_gqa=q.shape[1] != k.shape[1])
-    return y[..., :D]
-
-
 _FAST = {"dot": _dot, "gaussian": _gaussian, "mixture": _mixture}
+IMPLS = ("auto", "triton", "sdpa", "reference")
+
+_twice_differentiable = False
+
+
+@contextlib.contextmanager
+def twice_differentiable():
+    """Attention with a double backward inside this block: `impl="auto"` runs `dot`, `gaussian`
+    and `mixture` through SDPA's math backend and `student_t`, `laplace` through the reference
+    (the Triton and flash kernels have first derivatives only). For pc's `settle`, which
+    differentiates through the settling steps' gradients."""
+    global _twice_differentiable
+    outer = _twice_differentiable
+    _twice_differentiable = True
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    finally:
+        _twice_differentiable = outer
+
+
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+_TRITON = None  # model.triton_attention once imported
+
+
+def _triton_module():
+    """model.triton_attention, or None without triton. Imported when this module is, where a
+    GPU is present (so torch.compile never traces the import); without one on first use, as
+    triton.jit reads TRITON_INTERPRET at import (the CPU tests set it)."""
+    global _TRITON
+    if _TRITON is None and _HAS_TRITON:
+        from . import triton_attention
+        _TRITON = triton_attention
+    return _TRITON
+
+
+if _HAS_TRITON and torch.cuda.is_available():
+    _triton_module()
+
+
+def _triton_params(q: torch.Tensor, p: KernelParams, settle: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton kernels' per-row parameters p1, p2, fp32 (B|1, H|1, T|1, C): λ for dot,
+    gaussian, laplace; β = λ/ν and α = (ν+D)/2 (+1 settling) for student_t; λ_c and
+    b_c = log π_c + (D/2 (+1 settling)) log λ_c for mixture (triton_attention's docstring)."""
+    H, D = q.shape[1], q.shape[-1]
+    lam, extra = p.lam, 1.0 if settle else 0.0  # already fp32 (KernelParams)
+    if p.kernel == "student_t":
+        nu = p.nu.view(1, H, 1, 1)
+        return lam / nu, 0.5 * nu + (D / 2 + extra)
+    if p.kernel == "mixture":
+        if p.log_mix is None:  # uniform π
+            return lam, lam.log() * (D / 2 + extra) - math.log(lam.shape[-1])
+        return lam, torch.add(p.log_mix.view(1, H, 1, -1), lam.log(), alpha=D / 2 + extra)
+    return lam[..., :1], lam[..., :1]
+
+
+def _autocast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Under CUDA autocast the Triton path runs in the autocast dtype, as SDPA does (autocast
+    does not cast a custom op's inputs; with qk_norm, q and k arrive in fp32, v in bf16)."""
+    if q.is_cuda and torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+        return q.to(dtype), k.to(dtype), v.to(dtype)
+    return q, k, v
+
+
+def _triton(q, k, v, p: KernelParams, mask, settle: bool) -> torch.Tensor:
+    if mask is not None:
+        raise ValueError("the triton path takes plain causal self-attention (T == S, no mask)")
+    q, k, v = _autocast(q, k, v)
+    p1, p2 = _triton_params(q, p, settle)
+    return _triton_module().flash_attention(q, k, v, p.kernel, p1, p2, settle, p.eps)
+
+
+def _auto(q, k, v, p: KernelParams, mask) -> str:
+    """The path `impl="auto"` takes (module docstring)."""
+    if _twice_differentiable:
+        return "sdpa" if p.kernel in _FAST else "reference"
+    ta = _triton_module() if q.is_cuda and mask is None and p.kernel != "dot" else None
+    if ta is not None and ta.supports(*_autocast(q, k, v)):
+        return "triton"
+    # CPU, and on GPU cached decoding (T < S), a ragged-batch mask or a head dim Triton does not take
+    return "sdpa" if p.kernel in _FAST else "reference"
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: KernelParams, *,
               mask: torch.Tensor | None = None, settle: bool = False, impl: str = "auto") -> torch.Tensor:
     """Causal attention of T queries (B, H, T, D) over S ≥ T keys/values (B, Hkv, S, D).
 
-    impl: `auto` (the fast path for this kernel and device), `reference`, `sdpa`
-    (dot/gaussian/mixture), `dense` or `flex` (student_t/laplace; `flex` runs
-    uncompiled off CUDA, forward only on CPU).
+    impl: `auto` (the fast path for this kernel and device, module docstring), `triton`
+    (T == S, no mask; on CPU only under TRITON_INTERPRET=1), `sdpa` (dot, gaussian and
+    mixture) or `reference` (the definition, every kernel).
     """
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r}: must be one of {', '.join(IMPLS)}")
+    if impl == "auto":
+        impl = _auto(q, k, v, p, mask)
     if impl == "reference":
         return reference_attention(q, k, v, p, mask, settle)
-    if p.kernel in _FAST:
-        if impl not in ("auto", "sdpa"):
-            raise ValueError(f"impl={impl!r}: kernel {p.kernel} runs through sdpa or reference")
-        return _FAST[p.kernel](q, k, v, p, mask, settle)
-    if impl == "dense":
-        return _distance_dense(q, k, v, p, mask, settle)
-    if impl == "flex":
-        return _distance_flex(q, k, v, p, mask, settle, compiled=q.is_cuda)
-    if impl != "auto":
-        raise ValueError(f"impl={impl!r}: must be one of auto, reference, sdpa, dense, flex")
-    if q.is_cuda and mask is None and q.shape[-2] == k.shape[-2]:
-        return _distance_flex(q, k, v, p, mask, settle)
-    # CPU, and cached decoding on GPU (T < S or a ragged-batch mask): the exact O(T·S) path.
-    return reference_attention(q, k, v, p, mask, settle)
+    if impl == "triton":
+        return _triton(q, k, v, p, mask, settle)
+    if p.kernel not in _FAST:
+        raise ValueError(f"impl={impl!r}: kernel {p.kernel} runs through triton or reference")
+    return _FAST[p.kernel](q, k, v, p, mask, settle)
 
 
 # -- the module ---------------------------------------------------------------------------

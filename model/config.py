@@ -16,6 +16,7 @@ PC_ALGORITHMS = ("bp", "settle", "pc", "ipc")
 PC_ERRORS = ("gaussian", "student_t", "laplace")
 PC_PRECISIONS = ("fixed", "layer", "channel")
 PC_PATHWAYS = ("full", "bottom_up", "no_output_feedback")
+PC_PRECISION_UPDATES = ("gradient", "variance")
 
 
 def _one_of(name: str, value, allowed) -> None:
@@ -97,10 +98,22 @@ class PCConfig:
     """Step size of settling (SGD on the states)."""
     state_momentum: float = 0.0
     """Momentum of settling SGD."""
+    precondition: bool = True
+    """Divide each layer's state step by the curvature of its own error term, the IRLS
+    weight w = ρ'(e)/e (π for Gaussian errors; model/pc.py): the own-error term then
+    contracts by (1 − state_lr) at any precision, where a plain step diverges once
+    state_lr·π > 2. At π = 1 with Gaussian errors the two are the same step."""
     error: str = "gaussian"
     """Distribution ρ of the inter-layer prediction error x_l − μ_l."""
     precision: str = "fixed"
-    """`fixed` π=1, `layer` one learned π_l per layer, `channel` one per layer and channel."""
+    """`fixed` π=1, `layer` one π_l per layer, `channel` one per layer and channel."""
+    precision_update: str = "gradient"
+    """How a `layer`/`channel` precision is set: `gradient` learns log π by gradient descent
+    on E at the settled states (with the target clamped, this only grows π: see model/pc.py);
+    `variance` estimates it from the running variance of the settled precision-weighted
+    errors, relative across layers (geometric mean 1), so the overall scale stays β's."""
+    precision_decay: float = 0.99
+    """`variance`: decay of the running mean of the squared errors (per training step)."""
     log_normalizer: bool = True
     """Include −½·log π in the energy. Without it a learned precision collapses to its
     lower clamp (the energy falls monotonically as π → 0), so learned precision requires it."""
@@ -135,11 +148,17 @@ class PCConfig:
             raise ValueError(f"pc.state_momentum={self.state_momentum!r}: must be in [0, 1)")
         _one_of("pc.error", self.error, PC_ERRORS)
         _one_of("pc.precision", self.precision, PC_PRECISIONS)
-        if self.precision != "fixed" and not self.log_normalizer:
+        if self.precision != "fixed" and self.precision_update == "gradient" and not self.log_normalizer:
             raise ValueError(
                 f"pc.log_normalizer=False with pc.precision={self.precision!r}: a learned "
                 "precision without its -1/2*log(pi) normaliser collapses to its lower clamp "
                 "(the energy only falls as pi -> 0); set log_normalizer: true or precision: fixed")
+        _one_of("pc.precision_update", self.precision_update, PC_PRECISION_UPDATES)
+        if self.precision_update == "variance" and self.precision == "fixed":
+            raise ValueError("pc.precision_update='variance' estimates a precision: it needs "
+                             "pc.precision layer or channel (fixed means pi = 1)")
+        if not 0 < self.precision_decay < 1:
+            raise ValueError(f"pc.precision_decay={self.precision_decay!r}: must be in (0, 1)")
         _positive("pc.precision_min", self.precision_min)
         _positive("pc.precision_max", self.precision_max)
         if self.precision_min >= self.precision_max:

@@ -1,6 +1,6 @@
 """Predictive coding across layers: the energy, settling, and the PC training algorithms.
 
-DESIGN §3, "Predictive-coding energy across layers"; issue 3.
+DESIGN §3, "Predictive-coding energy across layers".
 
 Value nodes and predictions
 ---------------------------
@@ -30,23 +30,72 @@ Energy
     laplace    ρ = √(π·e² + ε) − √ε  (a smooth |e| in standardised units z = √π·e;
                its normaliser is still exactly −½·log π, and ε = pc.laplace_eps
                gives settling a finite curvature π/√ε at e = 0)
-- Precision `fixed` is π = 1 (no parameters). `layer` and `channel` learn
-  log π through a smooth clamp, log π = log π_min + (log π_max − log π_min)·σ(w),
-  initialised at π = 1: a hard clamp would leave a precision that reached a
-  bound with zero gradient for ever. Without −½·log π the energy falls
-  monotonically as π → 0, so a learned precision collapses to its floor;
-  `PCConfig` refuses that combination.
 - The output term is the categorical negative log-likelihood (cross-entropy),
   as PC beyond Gaussians prescribes for a softmax output.
+
+Precision
+---------
+`fixed` is π = 1 (nothing to learn). `layer` / `channel` hold one π per layer
+(and channel), set one of two ways (`pc.precision_update`):
+- `gradient`: log π through a smooth clamp, log π = log π_min + (log π_max −
+  log π_min)·σ(w), initialised at π = 1, learned by gradient descent on E at the
+  settled states (a hard clamp would leave a bound with zero gradient for ever;
+  without −½·log π the energy falls monotonically as π → 0, so `PCConfig`
+  refuses that combination). With the target clamped the settled errors are
+  gradient-sized, ∂E/∂log π = ½(π·e² − 1) < 0, and π only grows (to 8 in every
+  layer after 600 steps of the CPU default, before stable settling existed).
+- `variance`: π_l ∝ 1/v_l with v_l the running mean (decay pc.precision_decay)
+  of the squared precision-weighted errors ε_l = ∂ρ/∂e at the settled states,
+  normalised to a geometric mean of 1 over layers (and channels). ε, unlike e,
+  does not shrink as π grows (at equilibrium π_l·e_l = ε_l is set by the layers
+  above), so the estimate has no runaway; and the normalisation leaves the
+  overall scale to β (scaling every π by s moves the equilibrium like β/s).
+Which regime makes precision matter: under fixed predictions at equilibrium
+ε_l = J_{l+1}ᵀ ε_{l+1} = −N·β·∂CE/∂x_l whatever π and ρ, so the weight updates
+are backprop's and layer precision cancels. It changes learning only out of
+equilibrium (T < n_layer, state_lr < 1), with free predictions (π sets how far
+each layer's state moves, and so where the Jacobians are taken), or through
+non-Gaussian errors out of equilibrium. Attention precision (model/attention.py)
+changes the forward function itself and matters at any T.
 
 Settling
 --------
 The states start at the forward pass (x_l = μ_l, every e_l = 0) and take T steps
-of SGD with momentum on E, in fp32 (or the model's dtype if wider) even under
-bf16 autocast. Each token's states descend that token's summed energy N·E: the
-1/N of the token mean must not shrink the step of every state as the batch
-grows. The residual reported and compared with `tol` is the RMS over positions
-of the per-token gradient norm ‖∂(N·E)/∂x_{·,b,t}‖ across all layers.
+on E, in fp32 (or the model's dtype if wider) even under bf16 autocast. Each
+token's states descend that token's summed energy N·E: the 1/N of the token
+mean must not shrink the step of every state as the batch grows.
+
+The step (`pc.precondition`, on by default) is preconditioned per layer by the
+curvature of the layer's own error term, the IRLS / half-quadratic weight
+w_l = ρ'(e_l)/e_l (π for Gaussian, (ν+1)π/(ν+πe²) for Student-t, π/√(πe²+ε)
+for Laplace; Holland & Welsch 1977, Geman & Reynolds 1992):
+
+    x_l ← x_l − state_lr · v_l,   v_l ← state_momentum·v_l + w_l⁻¹ · ∂(N·E)/∂x_l
+
+ρ is a function of e² concave in e², so the quadratic of curvature w_l(e) at e
+majorises it (Lange, Hunter & Yang 2000, "optimization transfer"): with
+state_lr ≤ 1 the own-error term never grows, and with state_lr = 1 a Gaussian
+layer's own error is cancelled in one step, e_l ← w_l⁻¹·(J_{l+1}ᵀ ε_{l+1})
+whatever π. A plain step (precondition off) contracts it by (1 − state_lr·π),
+which diverges with alternating sign once state_lr·π > 2 — what a learned π of
+8 did to the previous default. At π = 1 with Gaussian errors both steps are
+the same, so every equivalence with backprop below is unchanged.
+
+With free predictions (the true energy) descent is also guaranteed across
+layers: a step is tried per sequence, and a sequence whose energy would rise (beyond rounding, 16 ulp) keeps its states
+and halves its step, which grows back by 1.2× (up to state_lr) after each
+success (backtracking, on the device: no host sync). Rejected tries are counted (`pc/settle_rejected`). Under fixed
+predictions the dynamics are a linear transport, not the descent of one
+energy, and preconditioning is what keeps them stable at any π.
+
+The error wave: every state starts at the forward pass and information moves
+one layer per step, so before step t only the top t states have moved and only
+their errors are nonzero. Settling therefore recomputes (free predictions) or
+differentiates (fixed predictions) only the blocks that can see a nonzero
+error — exactly, not as an approximation — about half the work for T = n_layer.
+
+The residual reported and compared with `tol` is the RMS over positions of the
+per-token gradient norm ‖∂(N·E)/∂x_{·,b,t}‖ across all layers.
 
 Error pathways (`pc.error_pathway`): `full` descends E; `bottom_up` drops the
 top-down term −J_{l+1}ᵀ·∂ρ/∂e_{l+1} from every state's gradient (a state only
@@ -66,7 +115,7 @@ has terms the forward pass does not minimise (model/attention.py).
 
 Training algorithms (`pc.algorithm`; the caller only ever calls `training_step`)
 --------------------------------------------------------------------------------
-- `bp`: backprop (GPT.training_step; never comes here).
+- `bp`: backprop (GPT.training_step; the baseline class, never comes here).
 - `pc`: inference learning. Settle with the output clamped to the targets,
   then every layer's weights get the gradient of its own error term with its
   input (a value node, or the data for layer 0) held constant, the head the
@@ -74,11 +123,12 @@ Training algorithms (`pc.algorithm`; the caller only ever calls `training_step`)
   settled states. With `fixed_predictions`, the μ_l (and the output's softmax)
   stay at their forward values and Jacobians while the states settle, and the
   local gradients are taken through those forward predictions (Millidge et al.
-  2020). Then, with state_lr = 1, π = 1 and momentum 0, every step moves the
-  error wave down one layer exactly (e_l ← J_{l+1}ᵀ·e_{l+1}): after T ≥ n_layer
-  steps ∂ρ/∂e_l = −N·β·∂CE/∂x_l at every layer and the weight gradients equal
-  backprop's exactly, for any β (Whittington & Bogacz 2017; Song et al. 2020,
-  Z-IL). Without fixed predictions they approach backprop's as β → 0.
+  2020). Then, with state_lr = 1 and momentum 0, every step moves the error wave
+  down one layer exactly (ε_l ← J_{l+1}ᵀ·ε_{l+1}): after T ≥ n_layer steps
+  ∂ρ/∂e_l = −N·β·∂CE/∂x_l at every layer and the weight gradients equal
+  backprop's exactly, for any β and (preconditioned, Gaussian) any π
+  (Whittington & Bogacz 2017; Song et al. 2020, Z-IL) — backprop by
+  construction. Without fixed predictions they approach backprop's as β → 0.
 - `settle`: the settled energy E(x_T)/β, differentiated through the T unrolled
   steps (x_0 is the forward pass, so T = 0 is exactly backprop on CE, and as
   settling converges the total gradient tends to `pc`'s local one by the
@@ -96,6 +146,11 @@ backprop by construction); a sweep over T then starts at the baseline.
 Every parameter gradient that training_step adds is grad_scale × ∂(E/β): the
 division by β keeps the gradient's scale that of the loss, so one learning rate
 serves every β and the theory tests compare with backprop without rescaling.
+
+Compiling and CUDA graphs: `PCGPT.compile()` compiles each block and the
+head + loss (what settling calls), not only forward(). A step has static shapes
+and, with `tol` = 0, no host synchronisation, so model/step.py can capture it
+whole in one CUDA graph.
 """
 
 from __future__ import annotations
@@ -106,14 +161,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .attention import twice_differentiable
 from .config import GPTConfig
 from .gpt import GPT
 
 
 class PCEnergy(nn.Module):
-    """The inter-layer error energy's parameters (precision, ν) and its density.
+    """The inter-layer error energy's precision / ν and its density ρ.
 
     Parameters are 1-D with a deterministic `reset_parameters()` that draws nothing
     from the RNG: a PC model's blocks get exactly the weights a `bp` model of the
@@ -126,10 +181,15 @@ class PCEnergy(nn.Module):
         self.n_layer, self.n_embd = config.n_layer, config.n_embd
         self.log_min, self.log_max = math.log(self.pc.precision_min), math.log(self.pc.precision_max)
         self.width = {"fixed": 0, "layer": 1, "channel": config.n_embd}[self.pc.precision]
-        if self.width:
+        learned = self.width and self.pc.precision_update == "gradient"
+        if learned:
             self.precision_logit = nn.Parameter(torch.empty(self.n_layer * self.width))
         else:
             self.register_parameter("precision_logit", None)
+        if self.width and not learned:
+            # running mean of the settled ε², and how many updates it has seen
+            self.register_buffer("error_var", torch.ones(self.n_layer * self.width))
+            self.register_buffer("error_var_count", torch.zeros(()))
         if self.pc.error == "student_t":
             self.nu_raw = nn.Parameter(torch.empty(self.n_layer))
         else:
@@ -138,65 +198,108 @@ class PCEnergy(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """π = 1 (σ(w) placed where log π = 0 inside the clamp); ν = pc.nu_init (ν = softplus(raw))."""
+        """π = 1 (σ(w) placed where log π = 0 inside the clamp; the variance estimate at 1);
+        ν = pc.nu_init (ν = softplus(raw))."""
         if self.precision_logit is not None:
             s = -self.log_min / (self.log_max - self.log_min)  # in (0, 1): PCConfig keeps 1 inside the clamp
             self.precision_logit.fill_(math.log(s / (1 - s)))
+        if hasattr(self, "error_var"):
+            self.error_var.fill_(1.0)
+            self.error_var_count.zero_()
         if self.nu_raw is not None:
             self.nu_raw.fill_(math.log(math.expm1(self.pc.nu_init)))
 
     def log_precision(self) -> torch.Tensor | None:
         """log π per layer, (L, 1) or (L, C); None for `fixed` (π = 1)."""
-        if self.precision_logit is None:
-            return None
-        s = torch.sigmoid(self.precision_logit).view(self.n_layer, self.width)
-        return self.log_min + (self.log_max - self.log_min) * s
+        if self.precision_logit is not None:
+            s = torch.sigmoid(self.precision_logit).view(self.n_layer, self.width)
+            return self.log_min + (self.log_max - self.log_min) * s
+        if self.width:
+            log_v = self.error_var.clamp_min(1e-30).log()
+            return (log_v.mean() - log_v).clamp(self.log_min, self.log_max).view(self.n_layer, self.width)
+        return None
+
+    @torch.no_grad()
+    def observe(self, eps: list[torch.Tensor]) -> None:
+        """`variance` precision: fold the settled precision-weighted errors ε_l (B, T, C)
+        into the running mean of ε² (the first observation replaces the initial 1s).
+        Under DDP the per-layer means are averaged over ranks, so every replica keeps
+        the same π."""
+        if not hasattr(self, "error_var"):
+            return
+        dims = (0, 1) if self.width > 1 else (0, 1, 2)
+        m = torch.cat([e.float().square().mean(dim=dims).reshape(-1) for e in eps])  # (L·width,)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(m)
+            m /= torch.distributed.get_world_size()
+        d = self.pc.precision_decay
+        first = self.error_var_count == 0
+        self.error_var.copy_(torch.where(first, m, d * self.error_var + (1 - d) * m))
+        self.error_var_count.add_(1)
 
     def nu(self) -> torch.Tensor | None:
         """Student-t degrees of freedom per layer, (L,); None for other errors."""
         return None if self.nu_raw is None else F.softplus(self.nu_raw)
 
-    def token_energy(self, e: torch.Tensor, layer: int) -> torch.Tensor:
-        """Σ_c [ρ(e_c; π_c) − ½·log π_c] for each position: (..., C) -> (...)."""
+    def error_energy(self, e: torch.Tensor, layer: int) -> torch.Tensor:
+        """Σ_c [ρ(e_c; π_c) − ρ(0)] for each position: what the prediction errors cost, zero at
+        e = 0 (the normalisers, −½·log π and Student-t's ν terms, left out): (..., C) -> (...)."""
         lp = self.log_precision()
         lp = None if lp is None else lp[layer]
         z2 = e.square() if lp is None else e.square() * lp.exp()  # π·e²
-        C = e.shape[-1]
         if self.pc.error == "gaussian":
-            out = 0.5 * z2.sum(-1)
-        elif self.pc.error == "student_t":
-            nu = self.nu()[layer]
-            out = 0.5 * (nu + 1) * torch.log1p(z2 / nu).sum(-1) + C * (
-                torch.lgamma(nu / 2) - torch.lgamma((nu + 1) / 2) + 0.5 * torch.log(nu))
-        else:
-            eps = self.pc.laplace_eps
-            out = (torch.sqrt(z2 + eps) - math.sqrt(eps)).sum(-1)
-        if lp is not None:
-            out = out - 0.5 * lp.sum() * (C // lp.numel())
-        return out
-
-    def error_grad(self, e: torch.Tensor, layer: int) -> torch.Tensor:
-        """∂ token_energy / ∂e, in closed form (the precision-weighted error the states feel)."""
-        lp = self.log_precision()
-        pi = None if lp is None else lp[layer].exp()
-        pe = e if pi is None else pi * e
-        if self.pc.error == "gaussian":
-            return pe
-        z2 = pe * e
+            return 0.5 * z2.sum(-1)
         if self.pc.error == "student_t":
             nu = self.nu()[layer]
-            return (nu + 1) * pe / (nu + z2)
-        return pe / torch.sqrt(z2 + self.pc.laplace_eps)
+            return 0.5 * (nu + 1) * torch.log1p(z2 / nu).sum(-1)
+        eps = self.pc.laplace_eps
+        return (torch.sqrt(z2 + eps) - math.sqrt(eps)).sum(-1)
+
+    def normaliser(self, layer: int, channels: int) -> torch.Tensor | float:
+        """Σ_c of the density's normaliser for one position: −½·log π, and for Student-t
+        log Γ(ν/2) − log Γ((ν+1)/2) + ½·log ν (the ν terms that let ν learn)."""
+        out = 0.0
+        lp = self.log_precision()
+        if lp is not None:
+            out = -0.5 * lp[layer].sum() * (channels // lp[layer].numel())
+        if self.pc.error == "student_t":
+            nu = self.nu()[layer]
+            out = out + channels * (torch.lgamma(nu / 2) - torch.lgamma((nu + 1) / 2) + 0.5 * torch.log(nu))
+        return out
+
+    def token_energy(self, e: torch.Tensor, layer: int) -> torch.Tensor:
+        """Σ_c [ρ(e_c; π_c) − ½·log π_c] for each position: (..., C) -> (...)."""
+        return self.error_energy(e, layer) + self.normaliser(layer, e.shape[-1])
+
+    def error_grad(self, e: torch.Tensor, layer: int) -> torch.Tensor:
+        """ε = ∂ token_energy / ∂e, in closed form (the precision-weighted error the states feel)."""
+        w = self.curvature(e, layer)
+        return e if w is None else w * e
+
+    def curvature(self, e: torch.Tensor, layer: int) -> torch.Tensor | None:
+        """The IRLS weight w = ρ'(e)/e, the curvature of the quadratic that majorises ρ at e
+        (module docstring): π, (ν+1)π/(ν+πe²), π/√(πe²+ε). None where it is 1 (Gaussian, π = 1)."""
+        lp = self.log_precision()
+        pi = None if lp is None else lp[layer].exp()
+        if self.pc.error == "gaussian":
+            return pi
+        z2 = e.square() if pi is None else pi * e.square()
+        num = 1.0 if pi is None else pi
+        if self.pc.error == "student_t":
+            nu = self.nu()[layer]
+            return (nu + 1) * num / (nu + z2)
+        return num / torch.sqrt(z2 + self.pc.laplace_eps)
 
 
 # ---------------------------------------------------------------------------- one batch
 class _Batch:
     """A batch and the pieces of the energy that depend on the model."""
 
-    def __init__(self, model: GPT, idx: torch.Tensor, targets: torch.Tensor, label_smoothing: float):
+    def __init__(self, model: PCGPT, idx: torch.Tensor, targets: torch.Tensor, label_smoothing: float):
         self.model, self.idx, self.targets, self.label_smoothing = model, idx, targets, label_smoothing
         self.pc = model.config.pc
         self.energy: PCEnergy = model.pc_energy
+        self.L = model.config.n_layer
         self.cos, self.sin = model.rotary(idx.size(1))
         # N: the scored targets (CE's denominator); N·β turns E's gradient into each token's own.
         wide = torch.promote_types(model.lm_head.weight.dtype, torch.float32)
@@ -218,14 +321,20 @@ class _Batch:
     def forward_states(self, mu0: torch.Tensor) -> list[torch.Tensor]:
         """The forward pass as value nodes (with the graph, if grad mode is on)."""
         states = [self.as_state(mu0)]
-        for layer in range(1, len(self.model.blocks)):
+        for layer in range(1, self.L):
             states.append(self.as_state(self.predict(layer, states[-1])))
         return states
 
     def ce(self, top: torch.Tensor) -> torch.Tensor:
-        return self.model.loss(self.model.head(top), self.targets, self.label_smoothing)
+        """Mean cross-entropy of the head at the top state."""
+        return self.model.head_loss(top, self.targets, self.label_smoothing)
 
-    def evaluate(self, states: list[torch.Tensor], mu0: torch.Tensor, dynamics: bool) -> "_Evaluation":
+    def ce_rows(self, top: torch.Tensor) -> torch.Tensor:
+        """β·(summed cross-entropy) of each sequence, (B,): the output term of each row's N·E."""
+        return self.pc.output_weight * self.model.head_loss(top, self.targets, self.label_smoothing,
+                                                            reduction="none").sum(-1)
+
+    def evaluate(self, states: list[torch.Tensor], mu0: torch.Tensor, dynamics: bool) -> _Evaluation:
         """The energy at `states`. `dynamics` builds it for the states' gradient, where the
         `no_output_feedback` pathway keeps the output term away from the top state."""
         mus = [mu0] + [self.predict(l, states[l - 1]) for l in range(1, len(states))]
@@ -236,7 +345,7 @@ class _Batch:
             top = top.detach()
         return _Evaluation(mus, errors, layer_sums, self.ce(top))
 
-    def targets_of(self, states: list[torch.Tensor], ev: "_Evaluation") -> list[torch.Tensor]:
+    def targets_of(self, states: list[torch.Tensor], ev: _Evaluation) -> list[torch.Tensor]:
         """What to differentiate for the states' gradient: the states themselves, or for
         `bottom_up` the errors (∂S/∂e_l = ∂ρ/∂e_l, the own-error term alone) and the top state."""
         if self.pc.error_pathway == "bottom_up":
@@ -248,12 +357,25 @@ class _Batch:
         positions = self.idx.numel()
         return torch.sqrt(sum(g.detach().float().square().sum() for g in grads) / positions)
 
+    def normalisers(self, like: torch.Tensor) -> torch.Tensor:
+        """(L,) each layer's −½·log π term per scored token (what every layer's energy is at e = 0)."""
+        zero = torch.zeros_like(like[:1, :1])
+        per_pos = torch.stack([self.energy.token_energy(zero, l).sum() for l in range(self.L)])
+        return (per_pos * (self.idx.numel() / self.n)).detach()
+
     def energies_at_forward(self, ce: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """Per-layer energies at the forward pass (every e_l = 0: only the normalisers), then β·CE."""
-        zero = torch.zeros_like(like[:1, :1])
-        per_pos = torch.stack([self.energy.token_energy(zero, l).sum() for l in range(len(self.model.blocks))])
-        out = (per_pos * (self.idx.numel() / self.n)).detach()
-        return torch.cat([out.float(), (self.pc.output_weight * ce.detach().float()).view(1)])
+        return torch.cat([self.normalisers(like).float(), (self.pc.output_weight * ce.detach().float()).view(1)])
+
+    def direction(self, grads: list[torch.Tensor], errors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The preconditioned step direction w_l⁻¹·g_l of each layer (module docstring)."""
+        if not self.pc.precondition:
+            return grads
+        out = []
+        for l, (g, e) in enumerate(zip(grads, errors)):
+            w = self.energy.curvature(e, l)
+            out.append(g if w is None else g / w.to(g.dtype))
+        return out
 
 
 @dataclass
@@ -295,16 +417,19 @@ class Settled:
     """Layer 0's prediction, with its parameter graph (for the local gradients)."""
     forward: tuple | None = None
     """fixed_predictions: (forward predictions with their graph, the leaves they read, CE)."""
+    rejected: torch.Tensor | None = None
+    """Free predictions: tried steps that would have raised a sequence's energy (0-d)."""
 
 
-def _momentum_step(states, grads, velocity, pc) -> list[torch.Tensor]:
-    """x ← x − lr·v, v ← m·v + g (torch SGD's convention), outside autograd. New tensors, never
-    in place: a state can share storage with a prediction that the energy still reads."""
+def _momentum_step(states, directions, velocity, pc, lo: int = 0) -> list[torch.Tensor]:
+    """x ← x − lr·v, v ← m·v + d (torch SGD's convention) for the layers ≥ lo (those below
+    have no gradient yet: the error wave), outside autograd. New tensors, never in place: a
+    state can share storage with a prediction that the energy still reads."""
     with torch.no_grad():
-        new = []
-        for i, (x, g) in enumerate(zip(states, grads)):
-            g = g.to(x.dtype)
-            velocity[i] = g if velocity[i] is None or pc.state_momentum == 0 else pc.state_momentum * velocity[i] + g
+        new = list(states[:lo])
+        for i in range(lo, len(states)):
+            x, d = states[i], directions[i].to(states[i].dtype)
+            velocity[i] = d if velocity[i] is None or pc.state_momentum == 0 else pc.state_momentum * velocity[i] + d
             new.append(x - pc.state_lr * velocity[i])
         return new
 
@@ -313,8 +438,13 @@ def _stop_early(pc, residual: torch.Tensor) -> bool:
     return pc.tol > 0 and residual.item() < pc.tol  # a host sync per step, only when asked for
 
 
+def _reached(L: int, t: int) -> int:
+    """The lowest layer whose state may have moved after t settling steps (the error wave)."""
+    return max(0, L - t)
+
+
 # ---------------------------------------------------------------------------- settling
-def settle(model: GPT, idx: torch.Tensor, targets: torch.Tensor, *, label_smoothing: float = 0.0,
+def settle(model: PCGPT, idx: torch.Tensor, targets: torch.Tensor, *, label_smoothing: float = 0.0,
            steps: int | None = None, trace: bool = False) -> Settled:
     """Settle the value nodes of one batch with the output clamped to `targets`.
 
@@ -324,66 +454,110 @@ def settle(model: GPT, idx: torch.Tensor, targets: torch.Tensor, *, label_smooth
     """
     batch = _Batch(model, idx, targets, label_smoothing)
     T = model.config.pc.settle_steps if steps is None else steps
-    settled = (_settle_fixed if model.config.pc.fixed_predictions else _settle_free)(batch, T, trace)
-    if trace:
-        settled.trace.append(_energy_at(batch, settled).sum())
-    return settled
-
-
-def _energy_at(batch: _Batch, settled: Settled) -> torch.Tensor:
-    """(L+1,) energies at the settled states (the held predictions under fixed_predictions)."""
-    with torch.no_grad():
-        if settled.forward is not None:
-            mus, _, ce = settled.forward
-            errors = [x - mu.to(x.dtype) for x, mu in zip(settled.states, mus)]
-            sums = [batch.energy.token_energy(e, l).sum() for l, e in enumerate(errors)]
-            return _Evaluation(mus, errors, sums, ce).energies(batch.n, batch.pc.output_weight)
-        ev = batch.evaluate(settled.states, settled.mu0, dynamics=False)
-        return ev.energies(batch.n, batch.pc.output_weight)
+    return (_settle_fixed if model.config.pc.fixed_predictions else _settle_free)(batch, T, trace)
 
 
 def _settle_free(batch: _Batch, T: int, trace: bool) -> Settled:
-    pc, energy_trace = batch.pc, []
+    """Settling on the true energy (predictions recomputed from the current states), with
+    per-sequence backtracking so that no sequence's energy ever rises."""
+    pc, L = batch.pc, batch.L
     mu0 = batch.first_prediction()  # graph kept: layer 0's local gradient needs it
     with torch.no_grad():
-        states = batch.forward_states(mu0.detach())
+        fwd = batch.forward_states(mu0.detach())
     # At the forward pass every e_l is exactly 0 and ρ'(0) = 0, so the only gradient is the
     # output term's: one backward through the head instead of through every block.
-    top = states[-1].requires_grad_()
-    ce = batch.ce(top)
-    (g_top,) = torch.autograd.grad(batch.n_beta * ce, top)
-    if pc.error_pathway == "no_output_feedback":
+    top = fwd[-1].detach().requires_grad_()
+    ce_rows = batch.ce_rows(top)
+    (g_top,) = torch.autograd.grad(ce_rows.sum(), top)
+    ce = ce_rows.detach().sum() / batch.n_beta  # the forward pass's mean CE
+    feedback = pc.error_pathway != "no_output_feedback"
+    if not feedback:
         g_top = torch.zeros_like(g_top)
-    states[-1] = top.detach()
-    before = batch.energies_at_forward(ce, states[0])
-    grads = [torch.zeros_like(s) for s in states[:-1]] + [g_top]
-    velocity: list = [None] * len(states)
-    taken = 0
+    before = batch.energies_at_forward(ce, fwd[0])
+    B = batch.idx.size(0)
+    best = list(fwd)
+    grads = [torch.zeros_like(s) for s in fwd[:-1]] + [g_top]
+    errors = [torch.zeros_like(s) for s in fwd]
+    energy = ce_rows.detach() if feedback else torch.zeros_like(ce_rows.detach())  # (B,) N·E per row
+    eta = torch.full((B, 1, 1), pc.state_lr, device=g_top.device, dtype=g_top.dtype)
+    velocity = [torch.zeros_like(s) for s in fwd]
+    rejected = torch.zeros((), device=g_top.device)
+    const, energy_trace, taken = batch.normalisers(fwd[0]).sum(), [], 0
+    slack = 16 * torch.finfo(g_top.dtype).eps
     for t in range(T):
-        if t > 0:
-            leaves = [s.requires_grad_() for s in states]
-            ev = batch.evaluate(leaves, mu0.detach(), dynamics=True)
-            grads = torch.autograd.grad(ev.summed(batch.n_beta), batch.targets_of(leaves, ev))
-            states = [s.detach() for s in leaves]
-            if trace:
-                energy_trace.append(ev.energies(batch.n, pc.output_weight).sum())
-        elif trace:
-            energy_trace.append(before.sum())
+        if trace:
+            energy_trace.append(energy.sum() / batch.n + const)
         if _stop_early(pc, batch.residual(grads)):
             break
-        states = _momentum_step(states, grads, velocity, pc)
+        lo = _reached(L, t + 1)  # the layers this step can move
+        d = batch.direction(grads, errors)
+        with torch.no_grad():
+            step = {l: d[l] + pc.state_momentum * velocity[l] for l in range(lo, L)}
+            trial = best[:lo] + [best[l] - eta * step[l] for l in range(lo, L)]
+        e_try, g_try, err_try = _free_energy(batch, trial, mu0.detach(), lo)
+        with torch.no_grad():
+            # never a rise beyond rounding (a strict test would reject converged steps at random)
+            ok = e_try <= energy + slack * energy.abs()                      # (B,)
+            keep = ok.view(B, 1, 1)
+            for l in range(max(0, lo - 1), L):
+                grads[l] = torch.where(keep, g_try[l], grads[l])
+            for l in range(lo, L):
+                best[l] = torch.where(keep, trial[l], best[l])
+                errors[l] = torch.where(keep, err_try[l], errors[l])
+                velocity[l] = torch.where(keep, step[l], velocity[l])
+            energy = torch.where(ok, e_try, energy)
+            # halve the step after a rejection, grow it back by 1.2x (up to state_lr) after a
+            # success: doubling back re-tried the rejected step every other step (half the
+            # tries wasted in a test over π in 0.1..100; 1.2x: about one in four)
+            eta = torch.where(keep, (1.2 * eta).clamp(max=pc.state_lr), 0.5 * eta)
+            rejected = rejected + (~ok).sum()
         taken = t + 1
-    return Settled(states, taken, ce.detach(), before, energy_trace, mu0)
+    if trace:
+        energy_trace.append(energy.sum() / batch.n + const)
+    return Settled(best, taken, ce, before, energy_trace, mu0, rejected=rejected)
+
+
+def _free_energy(batch: _Batch, states: list[torch.Tensor], mu0: torch.Tensor, lo: int
+                 ) -> tuple[torch.Tensor, list, list]:
+    """Each sequence's N·E (without the normalisers), the states' gradient and the errors at
+    `states`, where only layers ≥ lo have left the forward pass: below them every error is
+    zero, so only blocks ≥ max(lo, 1) are recomputed (and differentiated into the state below)."""
+    pc, energy, L = batch.pc, batch.energy, batch.L
+    first = max(0, lo - 1)  # the lowest state with a gradient: top-down from layer lo
+    leaves = [s if l < first else s.detach().requires_grad_() for l, s in enumerate(states)]
+    mus = {l: batch.predict(l, leaves[l - 1]) for l in range(max(1, lo), L)}
+    if lo == 0:
+        mus[0] = mu0
+    errors = {l: (leaves[l] - mus[l].to(leaves[l].dtype)).detach() for l in range(lo, L)}
+    eps = {l: energy.error_grad(errors[l], l) for l in range(lo, L)}
+    with torch.no_grad():
+        rows = sum(energy.error_energy(errors[l], l).sum(-1) for l in range(lo, L))
+    # The gradient: own error in closed form, plus top-down VJPs (`full`) and the output term.
+    outputs, cotangents = [], []
+    if pc.error_pathway == "full":
+        outputs += [mus[l] for l in range(max(1, lo), L)]
+        cotangents += [-eps[l].to(mus[l].dtype) for l in range(max(1, lo), L)]
+    if pc.error_pathway != "no_output_feedback":
+        ce_rows = batch.ce_rows(leaves[-1])
+        rows = rows + ce_rows.detach()
+        outputs.append(ce_rows.sum())
+        cotangents.append(None)
+    reached = torch.autograd.grad(outputs, leaves[first:], cotangents, allow_unused=True)
+    grads: list = [None] * L
+    for i, l in enumerate(range(first, L)):
+        g = torch.zeros_like(leaves[l]) if reached[i] is None else reached[i]
+        grads[l] = g + eps[l] if l in eps else g
+    return rows, grads, [errors.get(l) for l in range(L)]
 
 
 def _settle_fixed(batch: _Batch, T: int, trace: bool) -> Settled:
     """Settling under the fixed-prediction assumption: μ_l, their Jacobians and the output's
     softmax stay at the forward pass, so each step is one vector-Jacobian product through
-    the retained forward graph and no new forward."""
-    pc, energy, energy_trace = batch.pc, batch.energy, []
+    the retained forward graph (only through the blocks the error wave has reached)."""
+    pc, energy, L, energy_trace = batch.pc, batch.energy, batch.L, []
     mu0 = batch.first_prediction()
     leaves, mus = [], [mu0]
-    for layer in range(len(batch.model.blocks)):
+    for layer in range(L):
         if layer:
             mus.append(batch.predict(layer, leaves[-1]))
         leaves.append(batch.as_state(mus[-1]).detach().requires_grad_())
@@ -393,26 +567,32 @@ def _settle_fixed(batch: _Batch, T: int, trace: bool) -> Settled:
         g_out = torch.zeros_like(g_out)
     before = batch.energies_at_forward(ce, leaves[0])
     held = [mu.detach() for mu in mus]
-    states = [x.detach().clone() for x in leaves]
-    velocity: list = [None] * len(states)
+    states = [x.detach() for x in leaves]
+    velocity: list = [None] * L
     taken = 0
     for t in range(T):
         errors = [x - mu.to(x.dtype) for x, mu in zip(states, held)]
         eps = [energy.error_grad(e, l) for l, e in enumerate(errors)]
         grads = list(eps)
         grads[-1] = grads[-1] + g_out
-        if pc.error_pathway != "bottom_up" and len(states) > 1:
-            # top-down term −J_{l+1}ᵀ ε_{l+1}, all layers in one backward through the forward graph
-            down = torch.autograd.grad(mus[1:], leaves[:-1], [-e.to(m.dtype) for e, m in zip(eps[1:], mus[1:])],
-                                       retain_graph=True)
-            grads = [g + d.to(g.dtype) for g, d in zip(grads[:-1], down)] + [grads[-1]]
+        lo = max(1, _reached(L, t))  # blocks whose output error can be nonzero
+        if pc.error_pathway != "bottom_up" and lo < L:
+            # top-down term −J_{l+1}ᵀ ε_{l+1}, all reached layers in one backward through the forward graph
+            down = torch.autograd.grad(mus[lo:], leaves[lo - 1:-1],
+                                       [-eps[l].to(mus[l].dtype) for l in range(lo, L)], retain_graph=True)
+            for i, d in enumerate(down):
+                grads[lo - 1 + i] = grads[lo - 1 + i] + d.to(grads[lo - 1 + i].dtype)
         if trace:
             layers = sum(energy.token_energy(e, l).sum() for l, e in enumerate(errors)) / batch.n
             energy_trace.append((layers.float() + pc.output_weight * ce.detach().float()))
         if _stop_early(pc, batch.residual(grads)):
             break
-        states = _momentum_step(states, grads, velocity, pc)
+        states = _momentum_step(states, batch.direction(grads, errors), velocity, pc, lo=_reached(L, t + 1))
         taken = t + 1
+    if trace:
+        with torch.no_grad():
+            layers = sum(energy.token_energy(x - mu.to(x.dtype), l).sum() for l, (x, mu) in enumerate(zip(states, held)))
+            energy_trace.append(layers.float() / batch.n + pc.output_weight * ce.detach().float())
     return Settled(states, taken, ce.detach(), before, energy_trace, mu0, (mus, leaves, ce))
 
 
@@ -480,13 +660,18 @@ def training_step(model: PCGPT, idx: torch.Tensor, targets: torch.Tensor, *, gra
     if not grad_scale > 0:
         raise ValueError(f"grad_scale={grad_scale!r}: must be > 0")
     if pc.algorithm in ("pc", "ipc") and pc.settle_steps == 0:
-        logits, _ = model(idx)  # T = 0 is backprop (module docstring)
-        loss = model.loss(logits, targets, label_smoothing)
-        (loss * grad_scale).backward()
+        _, loss = model(idx, targets, label_smoothing=label_smoothing, return_logits=False)
+        (loss * grad_scale).backward()  # T = 0 is backprop (module docstring)
         return loss.detach(), {"pc/settle_steps": torch.zeros((), device=loss.device),
                                **_precision_diagnostics(model)}
     step = {"pc": _pc_step, "settle": _settle_step, "ipc": _ipc_step}[pc.algorithm]
-    return step(model, idx, targets, grad_scale, label_smoothing, optimizer)
+    loss, diag, eps = step(model, idx, targets, grad_scale, label_smoothing, optimizer)
+    model.pc_energy.observe(eps)  # `variance` precision; a no-op otherwise
+    return loss, diag
+
+
+def _settled_eps(batch: _Batch, ev: _Evaluation) -> list[torch.Tensor]:
+    return [batch.energy.error_grad(e.detach(), l) for l, e in enumerate(ev.errors)]
 
 
 def _pc_step(model, idx, targets, grad_scale, label_smoothing, optimizer):
@@ -494,27 +679,20 @@ def _pc_step(model, idx, targets, grad_scale, label_smoothing, optimizer):
     T = model.config.pc.settle_steps
     settled = (_settle_fixed if model.config.pc.fixed_predictions else _settle_free)(batch, T, False)
     ev, state_grads = _local_gradients(batch, settled, _trainable(model), grad_scale)
-    return settled.loss, _diagnostics(model, batch, settled.energy_before, ev, state_grads, settled.steps)
+    diag = _diagnostics(model, batch, settled.energy_before, ev, state_grads, settled.steps, settled.rejected)
+    return settled.loss, diag, _settled_eps(batch, ev)
 
 
 def _settle_step(model, idx, targets, grad_scale, label_smoothing, optimizer):
     """E(x_T)/β through the unrolled settling; only the last `truncate` steps are differentiated.
 
     Differentiating a settling step differentiates a gradient: the fused attention kernels
-    (flash, memory-efficient) have no double backward, so the unrolled steps run attention
-    through SDPA's math backend (T = 0 needs no double backward and keeps the fused one)."""
+    have first derivatives only, so the unrolled steps run attention through its twice-
+    differentiable paths (T = 0 needs no double backward and keeps the fused one)."""
     if model.config.pc.settle_steps == 0:
         return _settle_unrolled(model, idx, targets, grad_scale, label_smoothing)
-    try:
-        with sdpa_kernel([SDPBackend.MATH]):
-            return _settle_unrolled(model, idx, targets, grad_scale, label_smoothing)
-    except (NotImplementedError, RuntimeError) as err:
-        if "derivative" not in str(err) and "double backward" not in str(err):
-            raise
-        raise NotImplementedError(
-            f"pc.algorithm='settle' differentiates through the settling steps (a double backward), "
-            f"and attention.kernel={model.config.attention.kernel!r} runs through an op without one "
-            f"({err}); use pc.algorithm pc or ipc, or a dot/gaussian/mixture kernel") from err
+    with twice_differentiable():
+        return _settle_unrolled(model, idx, targets, grad_scale, label_smoothing)
 
 
 def _settle_unrolled(model, idx, targets, grad_scale, label_smoothing):
@@ -538,17 +716,20 @@ def _settle_unrolled(model, idx, targets, grad_scale, label_smoothing):
         if at_forward and t == 0:
             # forward-pass start: e_l ≡ 0 as functions of θ, so only the output term has a gradient
             top = states[-1]
+            errors = [torch.zeros_like(s) for s in states]
             g = [torch.zeros_like(s) for s in states[:-1]]
             g_top = torch.zeros_like(top) if pc.error_pathway == "no_output_feedback" else \
                 torch.autograd.grad(batch.n_beta * ev0_ce, top, create_graph=True)[0]
             grads = g + [g_top]
         else:
             ev = batch.evaluate(states, mu0, dynamics=True)
+            errors = ev.errors
             grads = torch.autograd.grad(ev.summed(batch.n_beta), batch.targets_of(states, ev), create_graph=True)
         if _stop_early(pc, batch.residual(grads)):
             break
+        d = batch.direction(list(grads), errors)
         velocity = [g if v is None or pc.state_momentum == 0 else pc.state_momentum * v + g
-                    for v, g in zip(velocity, grads)]
+                    for v, g in zip(velocity, d)]
         states = [x - pc.state_lr * v.to(x.dtype) for x, v in zip(states, velocity)]
         taken += 1
     ev = batch.evaluate(states, mu0, dynamics=False)
@@ -562,7 +743,7 @@ def _settle_unrolled(model, idx, targets, grad_scale, label_smoothing):
         _gradients(obj, params, [], grad_scale, batch.n_beta)
     else:
         state_grads = _gradients(obj, params, targets_, grad_scale, batch.n_beta)
-    return loss, _diagnostics(model, batch, before, ev, state_grads, taken)
+    return loss, _diagnostics(model, batch, before, ev, state_grads, taken), _settled_eps(batch, ev)
 
 
 def _settle_free_from(batch: _Batch, mu0: torch.Tensor, states: list[torch.Tensor], T: int):
@@ -576,7 +757,8 @@ def _settle_free_from(batch: _Batch, mu0: torch.Tensor, states: list[torch.Tenso
         states = [s.detach() for s in leaves]
         if _stop_early(batch.pc, batch.residual(grads)):
             break
-        states = _momentum_step(states, grads, velocity, batch.pc)
+        states = _momentum_step(states, batch.direction(list(grads), [e.detach() for e in ev.errors]),
+                                velocity, batch.pc)
         taken += 1
     return states, velocity, taken
 
@@ -609,30 +791,28 @@ def _ipc_step(model, idx, targets, grad_scale, label_smoothing, optimizer):
         for p in params:
             p.grad = None
         states = [s.detach() for s in leaves]
-        states = _momentum_step(states, state_grads, velocity, pc)
+        states = _momentum_step(states, batch.direction(state_grads, [e.detach() for e in ev.errors]),
+                                velocity, pc)
         taken = t + 1
     for p, g in zip(params, stash):  # earlier micro-batches' gradients + this one's last
         if g is not None:
             p.grad = g if p.grad is None else g.add_(p.grad)
-    return loss.detach(), _diagnostics(model, batch, before, ev, state_grads, taken)
+    return loss.detach(), _diagnostics(model, batch, before, ev, state_grads, taken), _settled_eps(batch, ev)
 
 
 # ---------------------------------------------------------------------------- diagnostics
 @torch.no_grad()
-def _precision_diagnostics(model: GPT) -> dict[str, torch.Tensor]:
+def _precision_diagnostics(model: PCGPT) -> dict[str, torch.Tensor]:
     out = {}
-    energy = getattr(model, "pc_energy", None)
-    if energy is not None:
-        lp = energy.log_precision()
-        nu = energy.nu()
-        for l in range(energy.n_layer):
-            out[f"pc/precision/{l}"] = (torch.ones((), device=model.lm_head.weight.device) if lp is None
-                                        else lp[l].exp().mean().detach().float())
-            if nu is not None:
-                out[f"pc/nu/{l}"] = nu[l].detach().float()
+    energy = model.pc_energy
+    lp, nu = energy.log_precision(), energy.nu()
+    one = torch.ones((), device=model.lm_head.weight.device)
+    for l in range(energy.n_layer):
+        out[f"pc/precision/{l}"] = one if lp is None else lp[l].exp().mean().detach().float()
+        if nu is not None:
+            out[f"pc/nu/{l}"] = nu[l].detach().float()
     for l, block in enumerate(model.blocks):
-        fn = getattr(block.attn, "precision", None)
-        lam = fn() if callable(fn) else None
+        lam = block.attn.precision()
         if lam is None:
             continue
         lam = lam.detach().float().flatten()
@@ -643,9 +823,12 @@ def _precision_diagnostics(model: GPT) -> dict[str, torch.Tensor]:
     return out
 
 
-def _diagnostics(model, batch: _Batch, before: torch.Tensor, ev: _Evaluation,
-                 state_grads: list[torch.Tensor], steps: int) -> dict[str, torch.Tensor]:
-    """Detached tensors keyed by metric name (DESIGN §5); layer `out` is the output term β·CE."""
+@torch.no_grad()
+def _diagnostics(model, batch: _Batch, before: torch.Tensor, ev: _Evaluation, state_grads: list[torch.Tensor],
+                 steps: int, rejected: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Detached tensors on the model's device keyed by metric name (DESIGN §5); layer `out`
+    is the output term β·CE; `pc/error_energy/<l>` is layer l's Σρ per scored token
+    without the −½·log π constant (what the prediction errors cost)."""
     after = ev.energies(batch.n, batch.pc.output_weight)
     L = len(ev.errors)
     out: dict[str, torch.Tensor] = {}
@@ -653,10 +836,14 @@ def _diagnostics(model, batch: _Batch, before: torch.Tensor, ev: _Evaluation,
         out[f"pc/energy_before/{l}"] = before[l]
         out[f"pc/energy_after/{l}"] = after[l]
         out[f"pc/error/{l}"] = ev.errors[l].detach().abs().mean().float()
+        out[f"pc/error_energy/{l}"] = (batch.energy.error_energy(ev.errors[l].detach(), l).sum()
+                                       / batch.n).float()
     out["pc/energy_before/out"], out["pc/energy_after/out"] = before[L], after[L]
     out["pc/energy_before"], out["pc/energy_after"] = before.sum(), after.sum()
     out["pc/settle_residual"] = batch.residual(state_grads)
-    out["pc/settle_steps"] = torch.full((), float(steps), device=out["pc/settle_residual"].device)
+    device = out["pc/settle_residual"].device
+    out["pc/settle_steps"] = torch.full((), float(steps), device=device)
+    out["pc/settle_rejected"] = (rejected if rejected is not None else torch.zeros((), device=device)).float()
     out.update(_precision_diagnostics(model))
     return out
 
@@ -684,9 +871,77 @@ class PCGPT(GPT):
         return training_step(self, idx, targets, grad_scale=grad_scale, label_smoothing=label_smoothing,
                              optimizer=optimizer)
 
+    def compile(self, **kwargs) -> None:
+        """Compile what settling runs, not only forward(): each block (its forward, and the
+        backward autograd takes through it) and the head + loss. `settle` unrolls settling
+        through a double backward, which compiled graphs do not have: it stays eager."""
+        super().compile(**kwargs)
+        if self.config.pc.algorithm == "settle":
+            return
+        if self.config.pc.fixed_predictions:
+            # fixed-prediction settling takes T vector-Jacobian products through one forward
+            # graph (retain_graph=True); AOTAutograd's donated buffers free the saved tensors at
+            # the first backward, so keep them (torch._functorch.config; a process-wide switch)
+            torch._functorch.config.donated_buffer = False
+        for block in self.blocks:
+            block.compile(**kwargs)
+        self.head_loss = torch.compile(self.head_loss, **kwargs)
+
+    def pc_diagnostics(self, idx: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        """How PC is doing on one (fixed) batch, for evaluation steps; weights and .grad are
+        left as they were. Device tensors keyed by metric name:
+        - `pc/grad_cos/<l>` and `pc/grad_cos`: cosine between the PC weight update (what
+          training_step puts in .grad; ipc with its inner steps frozen) and the backprop
+          gradient, per block and over every weight the two share;
+        - `pc/energy_drop`: (E(x_0) − E(x_T)) / |E(x_0)| of the true energy (predictions
+          recomputed) at the settled states, without the normalisers; `pc/settle_diverged`
+          1 when settling raised that energy or left it non-finite;
+        - `pc/true_error_energy/<l>`: each layer's Σρ per scored token there;
+        - the training step's own diagnostics (residual, precisions, ...)."""
+        params = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        saved = {n: p.grad for n, p in params.items()}
+        try:
+            for p in params.values():
+                p.grad = None
+            frozen = torch.optim.SGD(list(params.values()), lr=0.0)  # ipc: inner steps change nothing
+            _, diag = self.training_step(idx, targets, optimizer=frozen)
+            pc_grads = {n: p.grad for n, p in params.items()}
+            for p in params.values():
+                p.grad = None
+            GPT.training_step(self, idx, targets)
+            bp_grads = {n: p.grad for n, p in params.items()}
+        finally:
+            for n, p in params.items():
+                p.grad = saved[n]
+        out = dict(diag)
+        shared = [n for n in params if pc_grads[n] is not None and bp_grads[n] is not None]
+        for l in range(self.config.n_layer):
+            names = [n for n in shared if n.startswith(f"blocks.{l}.")]
+            out[f"pc/grad_cos/{l}"] = _cosine([pc_grads[n] for n in names], [bp_grads[n] for n in names])
+        out["pc/grad_cos"] = _cosine([pc_grads[n] for n in shared], [bp_grads[n] for n in shared])
+        settled = settle(self, idx, targets)
+        with torch.no_grad():
+            batch = _Batch(self, idx, targets, 0.0)
+            ev = batch.evaluate(settled.states, batch.first_prediction(), dynamics=False)
+            layers = [batch.energy.error_energy(e, l).sum() / batch.n for l, e in enumerate(ev.errors)]
+            e0 = settled.loss * self.config.pc.output_weight
+            e1 = sum(layers) + self.config.pc.output_weight * ev.ce
+            for l, v in enumerate(layers):
+                out[f"pc/true_error_energy/{l}"] = v.float()
+            out["pc/energy_drop"] = ((e0 - e1) / e0.abs().clamp_min(1e-30)).float()
+            out["pc/settle_diverged"] = ((e1 > e0) | ~torch.isfinite(e1)).float()
+        return {k: v.detach() for k, v in out.items()}
+
+
+def _cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+    if not a:
+        return torch.full((), float("nan"))
+    x = torch.cat([g.double().flatten() for g in a])  # float64: a cosine of 1 - 1e-7 is not noise
+    y = torch.cat([g.double().flatten() for g in b])
+    return F.cosine_similarity(x, y, dim=0, eps=1e-30)
+
 
 def build_model(config: GPTConfig) -> GPT:
     """The model `config` describes: the backprop baseline `GPT` for pc.algorithm='bp',
     the predictive-coding `PCGPT` otherwise."""
     return GPT(config) if config.pc.algorithm == "bp" else PCGPT(config)
-

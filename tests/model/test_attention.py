@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import sys
-import warnings
 import zlib
 
 import pytest
@@ -13,22 +12,18 @@ import torch.nn.functional as F
 
 from model import GPTConfig
 import model.attention  # noqa: F401
-from model.attention import CausalSelfAttention, KernelParams, attention, causal_mask, reference_attention
+from model.attention import (CausalSelfAttention, KernelParams, attention, causal_mask, reference_attention,
+                             twice_differentiable)
 
 ATTENTION = sys.modules["model.attention"]  # the module (the package exports a function of that name)
 
 KERNELS = ["dot", "gaussian", "student_t", "laplace", "mixture"]
+SDPA_KERNELS = ["dot", "gaussian", "mixture"]  # SDPA on augmented inputs (student_t/laplace off Triton: the reference)
 TOL = 1e-5  # relative (‖a − b‖ / ‖b‖), fp32
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def fast_impl(kernel: str) -> str:
-    # On CPU student_t/laplace run the reference; "dense" is their fused formula
-    # (augmentation + score_mod) with the scores materialised.
-    return "dense" if kernel in ("student_t", "laplace") else "auto"
 
 
 def leaves(kernel: str, mode: str, B=2, H=4, Hkv=2, T=13, S=13, D=8, C=3, seed=0, device="cpu",
@@ -63,11 +58,11 @@ def run(kernel: str, t: dict, impl: str, **kw):
 
 @pytest.mark.parametrize("settle", [False, True], ids=["attend", "settle-target"])
 @pytest.mark.parametrize("mode", ["head", "token"])
-@pytest.mark.parametrize("kernel", KERNELS)
-def test_fast_path_equals_reference_outputs_and_gradients(kernel, mode, settle):
+@pytest.mark.parametrize("kernel", SDPA_KERNELS)
+def test_sdpa_path_equals_reference_outputs_and_gradients(kernel, mode, settle):
     """Causal, GQA (4 query heads on 2 kv heads), odd length 13, fp32, to 1e-5 relative."""
     t = leaves(kernel, mode, seed=zlib.crc32(f"{kernel}-{mode}-{settle}".encode()))
-    y_fast, g_fast = run(kernel, t, fast_impl(kernel), settle=settle)
+    y_fast, g_fast = run(kernel, t, "sdpa", settle=settle)
     y_ref, g_ref = run(kernel, t, "reference", settle=settle)
     assert rel(y_fast, y_ref) < TOL
     for name, g in g_ref.items():
@@ -76,45 +71,41 @@ def test_fast_path_equals_reference_outputs_and_gradients(kernel, mode, settle):
             continue
         assert rel(g_fast[name], g) < TOL, (name, rel(g_fast[name], g))
     assert g_ref["log_lam"] is not None and g_ref["log_lam"].abs().sum() > 0
-    if kernel == "student_t":
-        assert g_ref["nu_raw"].abs().sum() > 0
     if kernel == "mixture":
         assert g_ref["mix"].abs().sum() > 0
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
-def test_fast_path_with_cache_offset_and_ragged_mask(kernel):
+def ragged_mask() -> torch.Tensor:
+    """(2, 1, 3, 10): row b's query t sees keys j <= lengths[b] + t, lengths = (4, 7)."""
+    lengths = torch.tensor([4, 7])
+    return torch.arange(10).view(1, 1, 1, 10) <= (lengths.view(2, 1, 1, 1) + torch.arange(3).view(1, 1, 3, 1))
+
+
+@pytest.mark.parametrize("kernel", SDPA_KERNELS)
+def test_sdpa_path_with_cache_offset_and_ragged_mask(kernel):
     """Fewer queries than keys (decoding over a cache) and a per-row key mask (ragged batch)."""
     t = leaves(kernel, "head", T=3, S=10, seed=7)
-    y_fast, g_fast = run(kernel, t, fast_impl(kernel))
+    y_fast, g_fast = run(kernel, t, "sdpa")
     y_ref, g_ref = run(kernel, t, "reference")
     assert rel(y_fast, y_ref) < TOL and rel(g_fast["q"], g_ref["q"]) < TOL and rel(g_fast["k"], g_ref["k"]) < TOL
-    lengths = torch.tensor([4, 7])  # row b's query t sees keys j <= lengths[b] + t
-    mask = torch.arange(10).view(1, 1, 1, 10) <= (lengths.view(2, 1, 1, 1) + torch.arange(3).view(1, 1, 3, 1))
-    y_fast, g_fast = run(kernel, t, fast_impl(kernel), mask=mask)
-    y_ref, g_ref = run(kernel, t, "reference", mask=mask)
+    y_fast, g_fast = run(kernel, t, "sdpa", mask=ragged_mask())
+    y_ref, g_ref = run(kernel, t, "reference", mask=ragged_mask())
     assert rel(y_fast, y_ref) < TOL and rel(g_fast["v"], g_ref["v"]) < TOL
-    # The mask is honoured: key 9 changes row 1 only.
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_ragged_mask_is_honoured(kernel):
+    """Key 9 is masked for row 0 (it sees j <= 6) and visible to row 1 (j <= 9): changing it
+    changes row 1 only."""
+    t = leaves(kernel, "head", T=3, S=10, seed=7)
+    mask = ragged_mask()
     k2 = t["k"].detach().clone()
-    k2[:, :, 9] += 5.0  # masked for row 0 (sees j <= 6), visible to row 1 (j <= 9)
+    k2[:, :, 9] += 5.0
     p = params_of(kernel, t)
     with torch.no_grad():
         a = attention(t["q"], t["k"], t["v"], p, mask=mask)
         b = attention(t["q"], k2, t["v"], p, mask=mask)
     assert torch.equal(a[0], b[0]) and not torch.allclose(a[1], b[1])
-
-
-@pytest.mark.parametrize("kernel", ["student_t", "laplace"])
-def test_flex_path_forward_on_cpu_equals_reference(kernel):
-    """FlexAttention (uncompiled on CPU, forward only there) with the augmented q/k and
-    score_mod computes the kernel; the compiled CUDA path is checked by the gpu tests."""
-    t = {n: x.detach() for n, x in leaves(kernel, "token", T=21, S=21, seed=3).items()}
-    p = params_of(kernel, t)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "flex_attention called without torch.compile()"
-        for settle in (False, True):
-            y = attention(t["q"], t["k"], t["v"], p, impl="flex", settle=settle)
-            assert rel(y, reference_attention(t["q"], t["k"], t["v"], p, settle=settle)) < TOL
 
 
 def test_gaussian_fixed_equals_closed_form():
@@ -220,7 +211,9 @@ def _scores(q, k, p: KernelParams) -> torch.Tensor:
     kk = k.repeat_interleave(H // k.shape[1], 1)
     d2 = (q.unsqueeze(-2) - kk.unsqueeze(-3)).square().sum(-1)
     lam = p.lam[..., :1]
-    if p.kernel == "gaussian":
+    if p.kernel == "dot":
+        s = lam * (q @ kk.transpose(-2, -1))
+    elif p.kernel == "gaussian":
         s = -0.5 * lam * d2
     elif p.kernel == "student_t":
         nu = p.nu.view(1, H, 1, 1)
@@ -252,50 +245,73 @@ def test_settling_in_the_module_moves_queries_and_keeps_causality():
     assert torch.allclose(attn(x2, cos, sin)[:, :4], y[:, :4], atol=1e-6)
 
 
-def test_typical_sq_distance_is_the_mean_over_visible_keys():
-    """student_t's per-row centre m_i = mean of ‖q_i − k_j‖² over the keys query i may see
-    (j ≤ S−T+i), with GQA and a cache offset; detached (a row constant carries no gradient)."""
-    t = leaves("student_t", "head", T=5, S=9, seed=2)
-    m = ATTENTION._typical_sq_distance(t["q"], t["k"])
-    k = t["k"].repeat_interleave(2, 1)
-    d2 = (t["q"].unsqueeze(-2) - k.unsqueeze(-3)).square().sum(-1)           # (B, H, T, S)
-    visible = causal_mask(5, 9)
-    expected = (d2 * visible).sum(-1) / visible.sum(-1)
-    assert m.shape == (2, 4, 5) and not m.requires_grad
-    assert rel(m, expected) < TOL
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_twice_differentiable_gives_second_derivatives(kernel):
+    """Inside twice_differentiable() every kernel has a double backward (pc's `settle`
+    differentiates through attention twice), equal to that of the definition (`_scores`,
+    d² by differences); outside it the CPU path of student_t/laplace (cdist) has none."""
+    t = leaves(kernel, "token", T=9, S=9, seed=4)
+
+    def second(attend):
+        y = attend(t["q"], t["k"], t["v"], params_of(kernel, t))
+        dq, = torch.autograd.grad(y.square().sum(), t["q"], create_graph=True)
+        return torch.autograd.grad(dq.square().sum(), [t["k"], t["log_lam"]])
+
+    def definition(q, k, v, p):
+        return _scores(q, k, p).softmax(-1) @ v.repeat_interleave(q.shape[1] // v.shape[1], 1)
+
+    with twice_differentiable():
+        path = ATTENTION._auto(t["q"], t["k"], t["v"], params_of(kernel, t), None)
+        assert path == ("sdpa" if kernel in ("dot", "gaussian", "mixture") else "reference")
+        got = second(attention)
+    for a, b in zip(got, second(definition)):
+        assert rel(a, b) < 1e-4
+    if kernel in ("student_t", "laplace"):
+        with pytest.raises(NotImplementedError, match="derivative"):
+            second(attention)
 
 
-# -- GPU: the fused (compiled FlexAttention / flash SDPA) paths ----------------------------
+def test_impl_is_checked():
+    t = leaves("gaussian", "head", T=5, S=5)
+    p = params_of("gaussian", t)
+    for impl, kernel in (("flex", "student_t"), ("sdpa", "laplace"), ("fast", "gaussian")):
+        with pytest.raises(ValueError, match="impl="):
+            attention(t["q"], t["k"], t["v"], params_of(kernel, t), impl=impl)
+    assert ATTENTION._auto(t["q"], t["k"], t["v"], p, None) == "sdpa"  # CPU never takes triton
+
+
+# -- GPU: the fused paths (Triton, flash SDPA, augmented SDPA) -------------------------------
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("kernel", KERNELS)
-def test_gpu_fused_path_equals_reference(kernel, dtype):
-    """The fused path (flash SDPA / compiled FlexAttention) vs the fp32 reference on the same
-    inputs, at working values (D=64, λ ≈ 1/√D, ν ≈ 4), causal, GQA, odd length 333.
+@pytest.mark.parametrize("kernel,impl", [(k, "auto") for k in KERNELS] + [("gaussian", "sdpa"), ("mixture", "sdpa")])
+def test_gpu_fused_path_equals_reference(kernel, impl, dtype):
+    """The fused paths vs the fp32 reference on the same inputs, at working values (D=64,
+    λ ≈ 1/√D, ν ≈ 4), causal, GQA, odd length 333: `auto` (the Triton kernels, flash SDPA for
+    dot) and `sdpa` for gaussian/mixture (augmented SDPA: their GPU path for cached decoding
+    and masks, here on the self-attention Triton takes).
 
     fp32: outputs and q/k/v gradients to 1e-4 (the kernels reassociate sums), precision-
     parameter gradients to 2e-3 (sums over every score). bf16: 3e-2 resp. 5e-2 for outputs
     and q/k/v gradients (student_t is the sharpest kernel: its scores move
-    ~(ν+D)/(2(ν/β + d²)) per unit of d²); precision-parameter gradients (λ, ν) to 0.1 for
-    student_t/laplace, whose β and α are read per row in fp32 by the score_mod (on CPU,
-    with the kernel's roundings emulated — bf16 output and dO in Δ, fp32 score gradients —
-    the same inputs gave 6e-3 to 4e-2), and to 0.3 for gaussian/mixture, whose λ sits in the
-    bf16 augmented query (its gradient a reduction of bf16 dq' with cancellation). A wrong
-    formula gives errors of order 1.
+    ~(ν+D)/(2(ν/β + d²)) per unit of d²); precision-parameter gradients (λ, ν, π) to 0.1 on
+    the Triton kernels (fp32 row sums with the exact W, triton_attention's docstring; the bound
+    of test_triton_attention's bf16 test), and to 0.3 on SDPA (dot's λ·q, gaussian/mixture's
+    augmented query: λ sits in a bf16 input, its gradient a reduction of bf16 dq' with
+    cancellation). A wrong formula gives errors of order 1.
     """
     sharp = kernel == "student_t"
     if dtype == torch.float32:
         tol, tol_param = 1e-4, 2e-3
     else:
-        tol, tol_param = 5e-2 if sharp else 3e-2, 0.1 if kernel in ("student_t", "laplace") else 0.3
+        tol, tol_param = 5e-2 if sharp else 3e-2, 0.1 if impl == "auto" and kernel != "dot" else 0.3
     for mode in ("head", "token"):
         t = leaves(kernel, mode, B=2, H=4, Hkv=2, T=333, S=333, D=64, C=2, seed=11, device="cuda", dtype=dtype)
         with torch.no_grad():  # working values: λ ≈ 1/√D, ν ≈ 4 (nu_raw = softplus⁻¹(3.5); +0.5 in params_of)
             t["log_lam"].mul_(0.3).add_(-0.5 * math.log(64) + 0.3)
             t["nu_raw"].mul_(0.1).add_(math.log(math.expm1(3.5)))
         t32 = {n: x.detach().float().requires_grad_(True) for n, x in t.items()}
-        y, g = run(kernel, t, "auto")
+        y, g = run(kernel, t, impl)
         y_ref, g_ref = run(kernel, t32, "reference")
         assert torch.isfinite(y).all()
         assert rel(y, y_ref) < tol, (mode, rel(y, y_ref))
