@@ -47,7 +47,7 @@ def test_train_runs_on_cuda_compiled(tmp_path, alg, kernel, attn, pc_precision):
                             "log_every": 2, "micro_batch": 4},
                      runs={"r": {"pc": pc}})
     cfg, paths = in_process(root, "r")
-    from stages.pretrain import train
+    from stages.pretrain.trainer import train
     metrics = train(cfg, "r", paths, progress=False)
     assert metrics["step"] == 6 and math.isfinite(metrics["val/loss"]), metrics
     assert metrics["device"] != "cpu" and metrics["mem/peak_gib"] > 0
