@@ -71,7 +71,7 @@ class TrainStep:
         loss = loss / self.accum
         if self.world > 1:
             loss = self._all_reduce(loss)
-        norm = (torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True) if self.grad_clip > 0
+        norm = (torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip) if self.grad_clip > 0
                 else torch.zeros((), device=loss.device))
         self.optimizer.step()
         return loss, norm, diag

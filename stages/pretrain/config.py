@@ -74,6 +74,11 @@ class TrainConfig:
     compile: bool = True
     """torch.compile the model on CUDA. CPU runs never compile: at this scale the
     compile time exceeds what it saves in a 5-minute run."""
+    cuda_graph: Literal["auto", "off"] = "auto"
+    """`auto`: on CUDA with `compile`, the whole optimizer step (micro-steps, all-reduce,
+    clip, AdamW) is captured in one CUDA graph after three eager steps and replayed
+    (model/step.py), so small models are bound by the GPU, not by Python; needs
+    optimizer adamw and pc.tol 0, else the step runs uncaptured. `off`: never."""
     threads: int = 0
     """torch CPU threads per process (0: the cores divided by the local ranks)."""
     deterministic: bool = False

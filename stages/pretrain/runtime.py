@@ -148,20 +148,6 @@ def broadcast_model(model: torch.nn.Module, rt: Runtime) -> None:
             dist.broadcast(p, 0)
 
 
-def all_reduce_grads(params: list[torch.Tensor], loss: torch.Tensor, rt: Runtime) -> torch.Tensor:
-    """Average grads and the loss over ranks in one flat all-reduce (no host sync)."""
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).float() for g in grads] + [loss.reshape(1).float()])
-    dist.all_reduce(flat)
-    flat /= rt.world
-    offset = 0
-    for p, g in zip(params, grads):
-        n = g.numel()
-        p.grad = flat[offset:offset + n].view_as(g).to(g.dtype)
-        offset += n
-    return flat[-1]
-
-
 def any_rank(flag: bool, rt: Runtime) -> bool:
     """True on every rank if `flag` is true on any."""
     if rt.world == 1:

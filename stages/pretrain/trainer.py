@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from model.config import GPTConfig
 from model.pc import build_model
+from model.step import TrainStep
 from model.utils import flops_per_token, make_optimizer
 from stages.pretrain import checkpoints as ckpt
 from stages.pretrain.config import PretrainConfig, RunPaths, config_hash
@@ -33,9 +34,9 @@ from stages.pretrain.evaluation import attention_record, evaluate, generate_samp
 from stages.pretrain.outputs import (attention_precisions, diagnostics_metrics, final_metrics,
                                      model_meta, register_model, write_outputs)
 from stages.pretrain.progress import LossLog, NonFiniteLoss
-from stages.pretrain.runtime import (Runtime, StopSignals, all_reduce_grads, any_rank,
-                                     broadcast_model, device_name, peak_flops, peak_memory_gib,
-                                     rng_states, seed_of, seed_step, set_rng_states, setup_runtime)
+from stages.pretrain.runtime import (Runtime, StopSignals, any_rank, broadcast_model, device_name,
+                                     peak_flops, peak_memory_gib, rng_states, seed_of, seed_step,
+                                     set_rng_states, setup_runtime)
 
 ENV_DEBUG_NAN = "PCGPT_DEBUG_NAN_AT_STEP"  # test-only: the loss of this step (1-based) is NaN
 
@@ -64,6 +65,7 @@ class Trainer:
                "float32": None, "bfloat16": torch.bfloat16}[t.dtype]
         self.autocast = torch.autocast(rt.device.type, dtype=amp) if amp else nullcontext()
         self.diag: dict[str, torch.Tensor] = {}  # the last micro-step's diagnostics
+        self.train_step: TrainStep | None = None  # made by prepare(), after resume and compile
         # progress: what a checkpoint holds besides the weights and the optimizer
         self.iter_num = 0  # optimizer steps done
         self.tokens = 0
@@ -73,35 +75,37 @@ class Trainer:
         self.last: dict[str, float] = {}  # latest train/val/perf numbers
 
     # -- one optimizer step ------------------------------------------------------------
+    def prepare(self) -> None:
+        """Make the step callable (model/step.py), once the weights, the optimizer state and
+        compilation are in place: captured in a CUDA graph where train.cuda_graph allows."""
+        t, pc = self.cfg.train, self.cfg.pc
+        capture = (t.cuda_graph == "auto" and self.rt.device.type == "cuda" and t.compile
+                   and t.optimizer == "adamw" and pc.tol == 0)
+        self.train_step = TrainStep(self.model, self.optimizer, accum=self.accum, grad_clip=t.grad_clip,
+                                    label_smoothing=t.label_smoothing, capture=capture)
+
     def step(self, batches: list[tuple[torch.Tensor, torch.Tensor]], lr: float) -> torch.Tensor:
         """Advance one optimizer step on this step's micro-batches; return the mean loss (a
         device tensor, never read back here)."""
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr * g.get("lr_scale", 1.0)
         seed_step(seed_of(self.cfg.seed, self.iter_num, self.rt.rank), self.rt.device)  # dropout etc.
-        loss = self.update(batches)
+        loss = self.update(batches, lr)
         self.iter_num += 1
         self.tokens += self.step_tokens
         return loss
 
-    def update(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """Forward + backward of every micro-batch, gradient all-reduce, clip, optimizer step."""
-        t = self.cfg.train
-        for micro, (x, y) in enumerate(batches):
-            x, y = x.to(self.rt.device, non_blocking=True), y.to(self.rt.device, non_blocking=True)
-            with self.autocast:
-                loss, self.diag = self.model.training_step(x, y, grad_scale=1.0 / self.accum,
-                                                           label_smoothing=t.label_smoothing,
-                                                           optimizer=self.optimizer)
-            loss_sum = loss.float() if micro == 0 else loss_sum + loss.float()
-        loss = loss_sum / self.accum if self.accum > 1 else loss_sum
-        if self.rt.world > 1:
-            loss = all_reduce_grads(self.params, loss, self.rt)
-        if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, t.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss
+    def update(self, batches: list[tuple[torch.Tensor, torch.Tensor]], lr: float) -> torch.Tensor:
+        """Forward + backward of every micro-batch, gradient all-reduce, clip, optimizer step:
+        one call of the step callable on the micro-batches stacked (accum, B, T)."""
+        if self.train_step is None:
+            self.prepare()
+        x, y = (b[0].unsqueeze(0) if len(b) == 1 else torch.stack(b) for b in zip(*batches))
+        if self.rt.device.type == "cuda" and not x.is_pinned():
+            x, y = x.pin_memory(), y.pin_memory()  # page-locked: truly asynchronous copies
+        x, y = x.to(self.rt.device, non_blocking=True), y.to(self.rt.device, non_blocking=True)
+        with self.autocast:
+            loss, _, self.diag = self.train_step(x, y, lr)
+        # a captured step's outputs are overwritten by its next replay: keep this step's loss
+        return loss.clone() if self.train_step.capture else loss
 
     def record_eval(self, ev: dict[str, float], train_loss: float | None, lr: float) -> None:
         self.best_val = min(self.best_val, ev["val/loss"])
@@ -174,6 +178,7 @@ def train(cfg: PretrainConfig, run: str, paths: RunPaths, tracker=None, *,
     broadcast_model(trainer.model, rt)
     if rt.device.type == "cuda" and t.compile:
         trainer.model.compile()
+    trainer.prepare()
     model = trainer.model
     val = val_batches(shards.val, n_batches=t.eval_batches, batch_size=t.micro_batch, block_size=T,
                       rank=rt.rank, world_size=rt.world)
