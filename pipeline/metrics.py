@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from pipeline.io import write_json
 
-HEADLINE = ("train/loss", "val/loss", "val/ppl", "val/bpb", "val/acc", "perf/tok_per_s",
+HEADLINE = ("step", "train/loss", "val/loss", "val/ppl", "val/bpb", "val/acc", "perf/tok_per_s",
             "mem/peak_gib", "wall_s")
 PC_SUMMARY = ("pc/energy_before", "pc/energy_after", "pc/settle_residual")
 """Totals over layers (and the residual ‖∂E/∂x‖) of a PC run's last training step."""
