@@ -272,6 +272,18 @@ def check_seed(params: dict[str, Any]) -> int:
     return seed
 
 
+def check_seeds(params: dict[str, Any]) -> list[int]:
+    """The model seeds `seeds`: every pretrain run and every ablation variant is trained once
+    per seed, and the report's intervals are over them (default: [seed])."""
+    seeds = params.get("seeds", [check_seed(params)])
+    if not isinstance(seeds, list) or not seeds or not all(
+            isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ParamsError(f"seeds: expected a non-empty list of integers, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ParamsError(f"seeds={seeds}: must not repeat")
+    return seeds
+
+
 def attempt(found: list[str], fn: Callable[..., T], *args: Any) -> T | None:
     """`fn(*args)`, or None with its problems appended to `found`, unless already there (the
     same problem, e.g. a bad base value seen again after merging each run, is one line)."""
@@ -310,9 +322,9 @@ def check_file(path: str | Path = PARAMS_FILE) -> list[str]:
     except ParamsError as e:
         return e.problems
     modules = [importlib.import_module(name) for name in SCHEMA_MODULES]
-    owned = {"seed", *(s for m in modules for s in m.SECTIONS)}
+    owned = {"seed", "seeds", *(s for m in modules for s in m.SECTIONS)}
     found = [f"{k}: unknown section (known: {', '.join(sorted(owned))})" for k in params if k not in owned]
-    found += problems(params, [check_seed, *(m.check_params for m in modules)])
+    found += problems(params, [check_seed, check_seeds, *(m.check_params for m in modules)])
     order = {key: i for i, key in enumerate(params)}
 
     def section(problem: str) -> str:  # where a merged problem was merged, else its own key
@@ -360,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = ["ParamsError", "read_params", "build", "load_section", "deep_merge", "to_dict", "flatten",
-           "merged", "attempt", "check_seed", "problems", "validate", "check_file", "fail", "PARAMS_FILE"]
+           "merged", "attempt", "check_seed", "check_seeds", "problems", "validate", "check_file", "fail", "PARAMS_FILE"]
 
 if __name__ == "__main__":
     # Through the package, not this __main__ copy: the stages raise pipeline.params.ParamsError.

@@ -1,15 +1,18 @@
 """Stage `ablate@<variant>-<seed>`: one item of the PC ablation grid.
 
-The grid is a DVC `matrix` over `ablation.variants` x `ablation.seeds`. A variant
-is a name, the research question it answers and a small override of the PC-GPT
-base run (`runs.<ablation.base>`), one factor changed; a user adds a variant by
-editing params.yaml only. Every item is a short pretrain run through the same
-`stages.pretrain.trainer.train` loop (no second training loop), at the grid's own scale
-(`ablation.scale`: a smaller model and a shorter schedule, applied to every item
-before its variant's override, so all items differ from the base in one factor).
+The grid is a DVC `matrix` over `ablation.variants` x `seeds`. A variant is a name,
+the research question it answers and a small override of the PC-GPT base run
+(`runs.<ablation.base>`), one factor changed; a user adds a variant by editing
+params.yaml only. Every item is a pretrain run through the same
+`stages.pretrain.trainer.train` loop (no second training loop) at the pretrain runs'
+own scale and seeds, so the grid's reference (the base run) and its backprop control
+are the pretrain runs themselves: trained once, read by the report from
+metrics/pretrain/ (why: on 2 CPU cores they would cost ~40 % of the grid again).
+A variant equal to a run by construction names it in `versus` under the question
+`equivalence`: the report shows it as a check of the code, not as a finding.
 
-Reads:  data/tokens/, data/tokenizer/; params.yaml `model`, `pc`, `train`,
-        `runs.<base>`, `ablation.base`, `ablation.scale`, `ablation.variants.<variant>`,
+Reads:  data/tokens/, data/tokenizer/; params.yaml `seeds`, `model`, `pc`, `train`,
+        `runs.<base>`, `ablation.base`, `ablation.variants.<variant>`,
         `ablation.metrics_dir`, `ablation.scratch_dir` (at start-up every run and every
         variant of the grid is checked, before any work).
 Writes: metrics/ablate/<variant>-<seed>.json  the run's headline metrics (a DVC metric) and
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 from contextlib import nullcontext
@@ -41,8 +45,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.metrics import QUESTIONS, diverged_record, write_run_metrics
-from pipeline.params import (ParamsError, attempt, build, check_seed, deep_merge, fail, flatten,
-                             read_params, validate)
+from pipeline.params import (ParamsError, attempt, build, check_seed, check_seeds, deep_merge, fail,
+                             flatten, read_params, validate)
 
 SECTIONS = ("ablation",)
 
@@ -69,6 +73,9 @@ class Variant:
     override: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Sections `model`, `pc`, `train`, deep-merged over the base run (like `runs.<run>`)."""
     eval: EvalOverride = field(default_factory=EvalOverride)
+    versus: str = ""
+    """The pretrain run the report compares this variant with ("": the base run). Question
+    `equivalence`: the run it equals by construction (the check is that Δ is 0)."""
 
     def __post_init__(self) -> None:
         if self.question not in QUESTIONS:
@@ -85,12 +92,7 @@ class Variant:
 @dataclass
 class AblationConfig:
     base: str = "pcgpt"
-    """The run in `runs` every variant modifies."""
-    seeds: list[int] = field(default_factory=lambda: [0, 1])
-    """Each variant is trained once per seed (the report's intervals are over seeds)."""
-    scale: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """`model` / `train` overrides that size every item of the grid (applied before the
-    variant's own override)."""
+    """The run in `runs` every variant modifies (the grid's reference)."""
     variants: dict[str, Variant] = field(default_factory=dict)
     metrics_dir: str = "metrics/ablate"
     scratch_dir: str = "checkpoints/ablate"
@@ -100,13 +102,6 @@ class AblationConfig:
         return Path(self.metrics_dir) / f"{item_name(variant, seed)}.json"
 
     def __post_init__(self) -> None:
-        if not self.seeds:
-            raise ValueError("seeds: must list at least one seed")
-        if len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds={self.seeds}: must not repeat")
-        for section in self.scale:
-            if section not in ("model", "train"):
-                raise ValueError(f"scale.{section}: unknown section (allowed: model, train)")
         for name, v in self.variants.items():
             if not name.replace("_", "").isalnum():
                 raise ValueError(f"variants.{name}: names may hold letters, digits and '_' only "
@@ -115,6 +110,9 @@ class AblationConfig:
                 if section not in ("model", "pc", "train"):
                     raise ValueError(f"variants.{name}.override.{section}: unknown section "
                                      "(allowed: model, pc, train)")
+            if v.question == "equivalence" and not v.versus:
+                raise ValueError(f"variants.{name}.versus: an equivalence check names the run it "
+                                 "equals by construction")
 
 
 def item_name(variant: str, seed: int) -> str:
@@ -130,7 +128,7 @@ def load_ablation(params: dict[str, Any]) -> AblationConfig:
 
 
 def item_config(params: dict[str, Any], abl: AblationConfig, variant: str, seed: int):
-    """The PretrainConfig of one grid item: base run <- grid scale <- variant override, seed."""
+    """The PretrainConfig of one grid item: base run <- variant override, seed."""
     # here, not at the top: the report reads the grid through this module without torch
     from stages.pretrain.config import check_override, merge_config
 
@@ -143,20 +141,28 @@ def item_config(params: dict[str, Any], abl: AblationConfig, variant: str, seed:
                           f"(known: {', '.join(sorted(runs))})")
     # a base run of the wrong shape fails as itself: one line, not one per variant
     check_override(runs[abl.base] or {}, f"runs.{abl.base}")
-    override = deep_merge(runs[abl.base] or {}, abl.scale)
-    override = deep_merge(override, abl.variants[variant].override)
+    override = deep_merge(runs[abl.base] or {}, abl.variants[variant].override)
     cfg = merge_config(params, override, f"ablation.variants.{variant}")
     return dataclasses.replace(cfg, seed=seed)
 
 
 def check_params(params: dict[str, Any]) -> None:
     """The `ablation` section on its own, then every variant merged over the base run: a
-    broken variant fails every item's start, not only its own (after hours of the others)."""
+    broken variant fails every item's start, not only its own (after hours of the others).
+    Variants are named apart from the runs (the report puts both in one table), and `versus`
+    names a run."""
     found: list[str] = []
     abl = attempt(found, load_ablation, params)
+    runs = params.get("runs") if isinstance(params.get("runs"), dict) else {}
     if abl is not None:
-        for variant in abl.variants:
-            attempt(found, item_config, params, abl, variant, abl.seeds[0])
+        for variant, v in abl.variants.items():
+            attempt(found, item_config, params, abl, variant, 0)
+            if variant in runs:
+                found.append(f"ablation.variants.{variant}: also the name of a run in `runs` (the grid's "
+                             f"reference {abl.base!r} and its control are the runs themselves)")
+            if v.versus and v.versus not in runs:
+                found.append(f"ablation.variants.{variant}.versus: {v.versus!r} is not a run "
+                             f"(known: {', '.join(sorted(runs))})")
     if found:
         raise ParamsError(*found)
 
@@ -166,7 +172,7 @@ def item_record(metrics: dict[str, Any], abl: AblationConfig, variant: str, seed
     the changes): the one flat dict the report reads back."""
     v = abl.variants[variant]
     return {**metrics, "variant": variant, "seed": seed, "question": v.question,
-            "description": v.description or variant, "override": v.changes()}
+            "description": v.description or variant, "override": v.changes(), "versus": v.versus or abl.base}
 
 
 def run_item(params: dict[str, Any], variant: str, seed: int, tracker=None) -> dict[str, Any]:
@@ -208,9 +214,10 @@ def run_item(params: dict[str, Any], variant: str, seed: int, tracker=None) -> d
 
 
 def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see stages/pretrain/__main__.py
     ap = argparse.ArgumentParser(prog="python -m stages.ablate", description=__doc__.splitlines()[0])
     ap.add_argument("variant", help="a key of params.yaml `ablation.variants`")
-    ap.add_argument("seed", type=int, help="one of `ablation.seeds`")
+    ap.add_argument("seed", type=int, help="one of `seeds`")
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
     from pipeline import tracking
@@ -221,12 +228,12 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         params = read_params(args.params)
-        validate(params, [check_seed, config.check_params, check_params, data_config.check_tokenizer,
-                          tracking.check_params])
+        validate(params, [check_seed, check_seeds, config.check_params, check_params,
+                          data_config.check_tokenizer, tracking.check_params])
         abl = load_ablation(params)
         cfg = item_config(params, abl, args.variant, args.seed)
-        if args.seed not in abl.seeds:
-            raise ParamsError(f"seed {args.seed}: not in ablation.seeds {abl.seeds}")
+        if args.seed not in check_seeds(params):
+            raise ParamsError(f"seed {args.seed}: not in seeds {check_seeds(params)}")
         tcfg = load_section(tracking.TrackingConfig, "tracking", params=params)
     except ParamsError as e:
         fail("ablate", e)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from model.config import GPTConfig, PCConfig
+from pipeline.metrics import curve_path, diagnostics_path, run_seed_metrics
 from pipeline.params import ParamsError, attempt, build, check_seed, deep_merge, merged, to_dict
 
 SECTIONS = ("model", "pc", "train", "runs")
@@ -90,9 +91,10 @@ class TrainConfig:
     models_dir: str = "models"
     """The final model goes to <models_dir>/<run>/."""
     metrics_dir: str = "metrics/pretrain"
-    """<run>.json, <run>_curve.tsv, <run>_samples.json, <run>_attention.json."""
+    """<run>.json (mean over seeds), <run>/<seed>.json (+ _details.json, _curve.tsv,
+    _diagnostics.tsv), <run>_samples.json, <run>_attention.json."""
     checkpoints_dir: str = "checkpoints"
-    """Scratch: <checkpoints_dir>/<run>/ (not a DVC out, survives `dvc repro`)."""
+    """Scratch: <checkpoints_dir>/<run>/seed<seed>/ (not a DVC out, survives `dvc repro`)."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "micro_batch", "eval_every", "eval_batches", "log_every",
@@ -167,7 +169,7 @@ class PretrainConfig:
 
 @dataclass
 class RunPaths:
-    """Every file a run reads or writes: composed here, nowhere else."""
+    """Every file a run (one seed of it) reads or writes: composed here, nowhere else."""
 
     tokens_dir: Path
     tokenizer_dir: Path
@@ -175,25 +177,39 @@ class RunPaths:
     metrics: Path
     """Headline metrics; pipeline.metrics.details_path(metrics) is the rest."""
     curve: Path
-    samples: Path
-    attention: Path
+    diagnostics: Path
+    """The per-layer PC diagnostics over training (pipeline.metrics.DIAGNOSTICS_COLUMNS)."""
+    samples: Path | None
+    """Generated samples and the attention map: written for the registered seed only."""
+    attention: Path | None
     checkpoints: Path
 
     @classmethod
-    def for_run(cls, run: str, train: TrainConfig, tokens_dir: str | Path,
-                tokenizer_dir: str | Path) -> RunPaths:
-        """A named run's outputs: models/<run>/, metrics/pretrain/<run>*, checkpoints/<run>/."""
-        m = Path(train.metrics_dir)
-        return cls(Path(tokens_dir), Path(tokenizer_dir), Path(train.models_dir) / run,
-                   m / f"{run}.json", m / f"{run}_curve.tsv", m / f"{run}_samples.json",
-                   m / f"{run}_attention.json", Path(train.checkpoints_dir) / run)
+    def for_run(cls, run: str, train: TrainConfig, tokens_dir: str | Path, tokenizer_dir: str | Path,
+                seed: int, first: bool = True) -> RunPaths:
+        """Seed `seed` of a named run: metrics/pretrain/<run>/<seed>.json (+ _details, _curve,
+        _diagnostics) and checkpoints/<run>/seed<seed>/. The first seed's model is models/<run>/
+        (the DVC out, registered in MLflow) with the run's samples and attention map; the other
+        seeds' models are scratch beside their checkpoints (one model per run is enough to use)."""
+        m, scratch = Path(train.metrics_dir), Path(train.checkpoints_dir) / run
+        metrics = run_seed_metrics(m, run, seed)
+        return cls(Path(tokens_dir), Path(tokenizer_dir),
+                   Path(train.models_dir) / run if first else scratch / f"seed{seed}-model",
+                   metrics, curve_path(metrics), diagnostics_path(metrics),
+                   m / f"{run}_samples.json" if first else None, m / f"{run}_attention.json" if first else None,
+                   scratch / f"seed{seed}")
 
     @classmethod
     def in_folder(cls, folder: str | Path, tokens_dir: str | Path, tokenizer_dir: str | Path) -> RunPaths:
         """Every output in one scratch folder (an ablation item's run)."""
         f = Path(folder)
         return cls(Path(tokens_dir), Path(tokenizer_dir), f / "model", f / "train.json", f / "curve.tsv",
-                   f / "samples.json", f / "attention.json", f / "checkpoints")
+                   f / "diagnostics.tsv", f / "samples.json", f / "attention.json", f / "checkpoints")
+
+
+def run_metrics(train: TrainConfig, run: str) -> Path:
+    """`<metrics_dir>/<run>.json`: the run's headline numbers averaged over its seeds (the DVC metric)."""
+    return Path(train.metrics_dir) / f"{run}.json"
 
 
 def model_config(model: dict[str, Any], pc: dict[str, Any]) -> GPTConfig:

@@ -1,5 +1,6 @@
-"""What a run measures besides its training loss: validation metrics on fixed batches,
-seeded samples from fixed prompts, and one head's attention map."""
+"""What a run measures besides its training loss: validation metrics on fixed batches, the
+PC diagnostics on one fixed training batch, the majority-token reference, seeded samples
+from fixed prompts, and one head's attention map."""
 
 from __future__ import annotations
 
@@ -33,6 +34,41 @@ def evaluate(model: GPT, batches, rt: Runtime, autocast, bytes_per_token: float)
     loss = (sums[0] / sums[2]).item()
     return {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0)),
             "val/bpb": loss / math.log(2) / bytes_per_token, "val/acc": (sums[1] / sums[2]).item()}
+
+
+def pc_probe(model: GPT, batch: tuple[torch.Tensor, torch.Tensor], rt: Runtime, autocast) -> dict[str, float]:
+    """`PCGPT.pc_diagnostics` on one fixed training batch, as flat floats (pipeline/metrics.py
+    names); {} for a backprop model. Every rank calls it (the `variance` precision all-reduces
+    under DDP). Buffers are restored afterwards: the probe's settling must not move the
+    `variance` precision's running mean, or evaluating would change training."""
+    from stages.pretrain.outputs import diagnostics_metrics
+
+    if not hasattr(model, "pc_diagnostics"):
+        return {}
+    x, y = batch[0].to(rt.device), batch[1].to(rt.device)
+    saved = {name: b.detach().clone() for name, b in model.named_buffers()}
+    try:
+        with autocast:
+            diag = model.pc_diagnostics(x, y)
+    finally:
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(saved[name])
+    out = diagnostics_metrics(diag)
+    layers = [v for k, v in out.items() if k.startswith("pc/precision/")]
+    out["pc/precision_mean"] = sum(layers) / len(layers) if layers else 1.0
+    return out
+
+
+def majority_acc(train, batches, vocab_size: int) -> float:
+    """Accuracy of always predicting the most frequent training token, on the targets of the
+    fixed val batches (those val/acc is measured on): the accuracy a model that learned only
+    the unigram mode reaches."""
+    import numpy as np
+
+    mode = int(np.bincount(np.asarray(train), minlength=vocab_size).argmax())
+    hits = sum(int((y == mode).sum()) for _, y in batches)
+    return hits / sum(y.numel() for _, y in batches)
 
 
 def generate_samples(model: GPT, tokenizer: Tokenizer, t: TrainConfig, seed: int,

@@ -14,7 +14,8 @@ import torch
 
 from model.gpt import GPT
 from pipeline.io import write_json, write_text
-from pipeline.metrics import CURVE_COLUMNS, details_path, numeric, write_run_metrics
+from pipeline.metrics import (CURVE_COLUMNS, DIAGNOSTIC_SERIES, DIAGNOSTICS_COLUMNS, PC_CURVE_COLUMNS, details_path,
+                              numeric, write_run_metrics)
 from pipeline.model_dir import save_model
 from stages.pretrain.config import PretrainConfig, RunPaths
 
@@ -57,39 +58,66 @@ def diagnostics_metrics(diag: dict[str, torch.Tensor]) -> dict[str, float]:
 
 def final_metrics(run: str, step: int, tokens: int, wall_s: float, last: dict[str, float],
                   unigram_bpb: float, peak_gib: float, device: str, n_params: int,
-                  diagnostics: dict[str, float]) -> dict[str, Any]:
+                  diagnostics: dict[str, float], majority_acc: float | None = None) -> dict[str, Any]:
     """A run's final metrics as one flat dict (names of DESIGN.md §5): `last` holds the loop's
     latest train/val/perf numbers, `diagnostics` the model's (attention_precisions,
-    diagnostics_metrics)."""
+    diagnostics_metrics, the last PC probe); the unigram bpb and the majority-token accuracy
+    are the reference lines a model must beat."""
+    refs = {"val/majority_acc": majority_acc} if majority_acc is not None else {}
     return {"run": run, "step": step, "tokens": tokens, "wall_s": round(wall_s, 3),
             **{k: last[k] for k in FROM_LOOP if k in last},
-            "val/unigram_bpb": unigram_bpb, "mem/peak_gib": peak_gib, "device": device,
+            "val/unigram_bpb": unigram_bpb, **refs, "mem/peak_gib": peak_gib, "device": device,
             "n_params": n_params, **diagnostics}
 
 
-def write_curve(path: Path, rows: list[dict[str, float]]) -> None:
-    """`<run>_curve.tsv`: one row per evaluation, columns pipeline.metrics.CURVE_COLUMNS."""
-    lines = ["\t".join(CURVE_COLUMNS)]
-    for r in rows:
-        lines.append("\t".join(f"{r[c]:.6g}" if isinstance(r[c], float) else str(r[c])
-                               for c in CURVE_COLUMNS))
+def _cell(v: Any) -> str:
+    """A TSV cell: floats to 6 significant digits, a missing value (or NaN) empty."""
+    if v is None or (isinstance(v, float) and v != v):
+        return ""
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+def write_curve(path: Path, rows: list[dict[str, Any]]) -> None:
+    """`<run>_curve.tsv`: one row per evaluation, columns pipeline.metrics.CURVE_COLUMNS and,
+    when the rows hold PC diagnostics, PC_CURVE_COLUMNS."""
+    pc = any(PC_CURVE_COLUMNS["grad_cos"] in r for r in rows)
+    columns = [*((c, c) for c in CURVE_COLUMNS), *(PC_CURVE_COLUMNS.items() if pc else ())]
+    lines = ["\t".join(c for c, _ in columns)]
+    lines += ["\t".join(_cell(r.get(key)) for _, key in columns) for r in rows]
     write_text(path, "\n".join(lines) + "\n")
 
 
-def write_outputs(paths: RunPaths, model: GPT, meta: dict[str, Any], curve: list[dict[str, float]],
-                  samples: list[dict[str, str]], attention: dict[str, Any], final: dict[str, Any],
-                  tracker: Any) -> None:
-    """Every file of a finished run, each atomically; the numbers not logged by the loop and
-    every file to MLflow."""
+def write_diagnostics(path: Path, rows: list[dict[str, Any]]) -> None:
+    """`<run>_diagnostics.tsv`: the per-layer series (pipeline.metrics.DIAGNOSTIC_SERIES) of
+    every curve row in long format (DIAGNOSTICS_COLUMNS); only the header for a backprop run."""
+    lines = ["\t".join(DIAGNOSTICS_COLUMNS)]
+    for r in rows:
+        for series in DIAGNOSTIC_SERIES:
+            layer = 0
+            while (v := r.get(f"{series}/{layer}")) is not None:
+                lines.append("\t".join((str(r["step"]), _cell(r["wall_s"]), series, str(layer), _cell(v))))
+                layer += 1
+    write_text(path, "\n".join(lines) + "\n")
+
+
+def write_outputs(paths: RunPaths, model: GPT, meta: dict[str, Any], curve: list[dict[str, Any]],
+                  samples: list[dict[str, str]] | None, attention: dict[str, Any] | None,
+                  final: dict[str, Any], tracker: Any) -> None:
+    """Every file of a finished run, each atomically (samples and the attention map where the
+    paths ask for them); the numbers not logged by the loop and every file to MLflow."""
     save_model(model, meta, paths.model_dir)
     write_curve(paths.curve, curve)
-    write_json(paths.samples, samples)
-    write_json(paths.attention, attention)
+    write_diagnostics(paths.diagnostics, curve)
+    written = [paths.model_dir / "meta.json", paths.metrics, details_path(paths.metrics), paths.curve,
+               paths.diagnostics]
+    for path, obj in ((paths.samples, samples), (paths.attention, attention)):
+        if path is not None and obj is not None:
+            write_json(path, obj)
+            written.append(path)
     write_run_metrics(paths.metrics, final)
     tracker.log_metrics({k: v for k, v in numeric(final).items() if k not in LOGGED_IN_LOOP},
                         step=final["step"])
-    for p in (paths.model_dir / "meta.json", paths.metrics, details_path(paths.metrics), paths.curve,
-              paths.samples, paths.attention):
+    for p in written:
         tracker.log_artifact(p)
 
 

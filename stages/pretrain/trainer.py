@@ -30,7 +30,7 @@ from model.utils import flops_per_token, make_optimizer
 from stages.pretrain import checkpoints as ckpt
 from stages.pretrain.config import PretrainConfig, RunPaths, config_hash
 from stages.pretrain.data import load_shards, train_batch, unigram_bpb, val_batches
-from stages.pretrain.evaluation import attention_record, evaluate, generate_samples
+from stages.pretrain.evaluation import attention_record, evaluate, generate_samples, majority_acc, pc_probe
 from stages.pretrain.outputs import (attention_precisions, diagnostics_metrics, final_metrics,
                                      model_meta, register_model, write_outputs)
 from stages.pretrain.progress import LossLog, NonFiniteLoss
@@ -107,11 +107,19 @@ class Trainer:
         # a captured step's outputs are overwritten by its next replay: keep this step's loss
         return loss.clone() if self.train_step.capture else loss
 
-    def record_eval(self, ev: dict[str, float], train_loss: float | None, lr: float) -> None:
+    def record_eval(self, ev: dict[str, float], train_loss: float | None, lr: float,
+                    probe: dict[str, float]) -> None:
+        """One curve row: the val metrics and, for PC, the probe's diagnostics (pc_probe) with
+        the running count of evaluations whose settling raised the true energy."""
         self.best_val = min(self.best_val, ev["val/loss"])
         self.last.update(ev)
-        self.curve.append({"step": self.iter_num, "tokens": self.tokens, "wall_s": round(self.wall_s, 3),
-                           "train_loss": train_loss, "val_loss": ev["val/loss"], "lr": lr})
+        row = {"step": self.iter_num, "tokens": self.tokens, "wall_s": round(self.wall_s, 3),
+               "train_loss": train_loss, "val_loss": ev["val/loss"], "val_bpb": ev["val/bpb"],
+               "val_acc": ev["val/acc"], "lr": lr}
+        if probe:
+            before = self.curve[-1].get("pc/settle_diverged_count", 0.0) if self.curve else 0.0
+            row.update(probe, **{"pc/settle_diverged_count": before + probe.get("pc/settle_diverged", 0.0)})
+        self.curve.append(row)
 
     # -- checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -183,6 +191,12 @@ def train(cfg: PretrainConfig, run: str, paths: RunPaths, tracker=None, *,
     val = val_batches(shards.val, n_batches=t.eval_batches, batch_size=t.micro_batch, block_size=T,
                       rank=rt.rank, world_size=rt.world)
     unigram = unigram_bpb(shards.train, shards.val, shards.vocab_size, shards.bytes_per_token_val)
+    majority = majority_acc(shards.train, val_batches(shards.val, n_batches=t.eval_batches, batch_size=t.micro_batch,
+                                                      block_size=T), shards.vocab_size)
+    # PC diagnostics at every evaluation, always on the same training batch (that of step 0),
+    # so their change over training is the model's, not the batch's.
+    probe_batch = train_batch(shards.train, seed=cfg.seed, step=0, micro_step=0, rank=0,
+                              batch_size=t.micro_batch, block_size=T)
     n_params = model.num_params()
     debug_nan = int(os.environ.get(ENV_DEBUG_NAN, "-1"))
     bar = None
@@ -229,10 +243,15 @@ def train(cfg: PretrainConfig, run: str, paths: RunPaths, tracker=None, *,
                     bar.update(step - bar.n)
                 if do_eval:
                     ev = evaluate(model, val, rt, trainer.autocast, shards.bytes_per_token_val)
+                    probe = pc_probe(model, probe_batch, rt, trainer.autocast)
                     last_val = ev["val/loss"]
-                    trainer.record_eval(ev, log.train_loss, lr)
+                    trainer.record_eval(ev, log.train_loss, lr, probe)
                     if rt.is_main:
-                        tracker.log_metrics(ev, step=step)
+                        # the probe's own numbers (the training step's diagnostics of the same
+                        # names are logged at every log step already, from the training batch)
+                        tracker.log_metrics({**ev, **{k: v for k, v in trainer.curve[-1].items()
+                                                      if k.startswith("pc/") and k not in trainer.diag}},
+                                            step=step)
                         if bar is not None:
                             bar.set_postfix(loss=f"{log.train_loss:.3f}", val=f"{last_val:.3f}",
                                             tok_s=f"{trainer.last['perf/tok_per_s']:,.0f}", refresh=False)
@@ -253,16 +272,19 @@ def train(cfg: PretrainConfig, run: str, paths: RunPaths, tracker=None, *,
         tok_s = trainer.step_tokens / log.step_s
         last.update({"perf/step_ms": log.step_s * 1e3, "perf/tok_per_s": tok_s,
                      "perf/mfu_pct": log.mfu_pct(tok_s)})
+    step_diag = diagnostics_metrics(trainer.diag)
+    probe = {k: v for k, v in (trainer.curve[-1] if trainer.curve else {}).items()  # the last probe's own
+             if k.startswith("pc/") and k not in step_diag}
     final = final_metrics(run, trainer.iter_num, trainer.tokens,
                           wall_before + time.perf_counter() - session_t0, last, unigram,
                           peak_memory_gib(rt.device), device_name(rt.device), n_params,
-                          {**attention_precisions(model), **diagnostics_metrics(trainer.diag)})
+                          {**attention_precisions(model), **step_diag, **probe}, majority_acc=majority)
     if rt.is_main:
         with torch.compiler.set_stance("force_eager"):  # generation: varying shapes, run eager
             device = model.lm_head.weight.device
             meta = model_meta(run, cfg, model, trainer.iter_num, trainer.tokens, shards.meta, git_state())
-            samples = generate_samples(model, tokenizer, t, cfg.seed, device)
-            attention = attention_record(model, val[0][0][:1].to(device), tokenizer)
+            samples = generate_samples(model, tokenizer, t, cfg.seed, device) if paths.samples else None
+            attention = attention_record(model, val[0][0][:1].to(device), tokenizer) if paths.attention else None
             write_outputs(paths, model, meta, trainer.curve, samples, attention, final, tracker)
             if register is not None:
                 register_model(tracker, paths, *register)

@@ -25,7 +25,7 @@ import pandas as pd  # noqa: E402
 from stages.report.render import Figure  # noqa: E402
 
 DPI = 150  # the HTML shows figures at 100 px/inch (render.HIDPI_SCALE)
-COLORS = {"baseline": "#3b6ea8", "pcgpt": "#d9822b"}
+COLORS = {"baseline": "#3b6ea8", "bp_gaussian": "#6a9fd4", "pc_dot": "#7a4a12", "pcgpt": "#d9822b"}
 KIND_COLORS = {"better": "#1f7a5a", "worse": "#c0492f", "neutral": "#9aa3ab", "na": "#c9ced3"}
 KIND_LABELS = {"better": "better than reference", "worse": "worse than reference",
                "neutral": "no detectable difference", "na": "1 seed: no interval"}
@@ -82,33 +82,115 @@ def _layer_values(metrics: dict[str, Any], prefix: str) -> dict[int, float]:
 
 # ------------------------------------------------------------------ curves
 
-def curves(data: dict[str, pd.DataFrame], baseline: str, pcgpt: str, fig_dir: Path) -> FigureResult:
-    """Train and validation loss against tokens, and validation loss against wall clock."""
-    runs = [r for r in (baseline, pcgpt) if r in data]
-    missing = [r for r in (baseline, pcgpt) if r not in data]
-    if not runs:
-        return skipped(f"Training curves skipped: no curve file for {baseline} or {pcgpt} "
-                       f"(<run>_curve.tsv).")
+def _seed_band(frames: dict[int, pd.DataFrame], x: str, y: str) -> pd.DataFrame | None:
+    """Mean, min and max of column `y` over seeds at each `x` shared by every seed (None if none)."""
+    parts = [df[[x, y]].dropna().set_index(x)[y].rename(seed) for seed, df in frames.items() if y in df]
+    if not parts:
+        return None
+    wide = pd.concat(parts, axis=1, join="inner").sort_index()
+    if wide.empty:
+        return None
+    return pd.DataFrame({"mean": wide.mean(axis=1), "lo": wide.min(axis=1), "hi": wide.max(axis=1)})
+
+
+def _band(ax, band: pd.DataFrame, color: Any, label: str, scale: float = 1.0, marker: str | None = "o") -> None:
+    x = band.index.to_numpy(dtype=float) * scale
+    ax.plot(x, band["mean"], color=color, lw=1.8, marker=marker, ms=3.5, label=label)
+    ax.fill_between(x, band["lo"], band["hi"], color=color, alpha=0.18, lw=0)
+
+
+def curves(data: dict[str, dict[int, pd.DataFrame]], runs: Sequence[str], fig_dir: Path) -> FigureResult:
+    """Validation loss against training tokens and against wall clock (mean over seeds, min-max band)."""
+    have = [r for r in runs if data.get(r)]
+    missing = [r for r in runs if not data.get(r)]
+    if not have:
+        return skipped(f"Training curves skipped: no curve files for {', '.join(runs)} (<run>/<seed>_curve.tsv).")
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(1, 3, figsize=(11.2, 3.8), constrained_layout=True)
-        for i, run in enumerate(runs):
-            df, c = data[run], _color(run, i)
-            tr = df.dropna(subset=["train_loss"])
-            va = df.dropna(subset=["val_loss"])
-            axes[0].plot(tr["tokens"] / 1e6, tr["train_loss"], color=c, lw=1.8, label=run)
-            axes[1].plot(va["tokens"] / 1e6, va["val_loss"], color=c, lw=1.8, marker="o", ms=3.5, label=run)
-            axes[2].plot(va["wall_s"], va["val_loss"], color=c, lw=1.8, marker="o", ms=3.5, label=run)
-        axes[0].set(title="Training loss", xlabel="training tokens (millions)", ylabel="loss (nats/token)")
-        axes[1].set(title="Validation loss", xlabel="training tokens (millions)", ylabel="loss (nats/token)")
-        axes[2].set(title="Validation loss vs wall clock", xlabel="wall clock (s)", ylabel="loss (nats/token)")
+        fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.8), constrained_layout=True)
+        for i, run in enumerate(have):
+            c = _color(run, i)
+            band = _seed_band(data[run], "tokens", "val_loss")
+            if band is not None:
+                _band(axes[0], band, c, run, 1e-6)
+            wall = [df.dropna(subset=["val_loss"]) for df in data[run].values()]
+            wx = np.mean([df["wall_s"].to_numpy(float) for df in wall if len(df) == len(wall[0])], axis=0)
+            axes[1].plot(wx, band["mean"] if band is not None else [], color=c, lw=1.8, marker="o", ms=3.5,
+                         label=run)
+        axes[0].set(title="Validation loss", xlabel="training tokens (millions)", ylabel="loss (nats/token)")
+        axes[1].set(title="Validation loss vs wall clock", xlabel="wall clock (s, mean over seeds)",
+                    ylabel="loss (nats/token)")
         for ax in axes:
             ax.legend()
         path = _save(fig, fig_dir / "curves.png")
-    cap = (f"Training and validation curves of {' and '.join(runs)}: loss per token against training "
-           f"tokens, and validation loss against wall-clock time (PC settling costs time per step).")
+    cap = (f"Validation loss of {', '.join(have)} against training tokens (mean over seeds, band: lowest to "
+           f"highest seed) and against wall clock (PC settling costs time per step).")
     if missing:
-        cap += f" No curve file for {', '.join(missing)}."
-    return FigureResult(path, cap, alt="Training and validation loss curves")
+        cap += f" No curve files for {', '.join(missing)}."
+    return FigureResult(path, cap, alt="Validation loss curves of the four pretrain runs")
+
+
+def diagnostics_scalars(data: dict[str, dict[int, pd.DataFrame]], runs: Sequence[str],
+                        fig_dir: Path) -> FigureResult:
+    """The PC runs' scalar diagnostics over training (pipeline.metrics.PC_CURVE_COLUMNS)."""
+    panels = [("grad_cos", "cosine to the backprop gradient", "cos(PC update, BP gradient)", False),
+              ("settle_residual", "settling residual ‖∂E/∂x‖", "RMS per token", True),
+              ("energy_drop", "true energy decrease by settling", "(E₀ − E_T) / |E₀|", False),
+              ("diverged_count", "settling raised the true energy", "evaluations so far (cumulative)", False)]
+    have = [r for r in runs if any("grad_cos" in df for df in data.get(r, {}).values())]
+    if not have:
+        return skipped("PC diagnostics over training skipped: no PC run's curve has the diagnostic columns.")
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, len(panels), figsize=(15.5, 3.7), constrained_layout=True)
+        for ax, (col, title, ylabel, log) in zip(axes, panels):
+            for i, run in enumerate(have):
+                band = _seed_band(data[run], "step", col)
+                if band is not None:
+                    _band(ax, band, _color(run, i), run)
+            if log and ax.has_data():
+                ax.set_yscale("symlog", linthresh=1e-6)
+            ax.set(title=title, xlabel="training step", ylabel=ylabel)
+        axes[0].axhline(1.0, color="#2b3035", lw=0.8, ls=":")
+        axes[0].legend()
+        path = _save(fig, fig_dir / "diagnostics.png")
+    return FigureResult(path, f"PC diagnostics of {', '.join(have)} on one fixed training batch at every "
+                              "evaluation (mean over seeds, band: lowest to highest seed). A cosine of 1 is "
+                              "backprop's direction; a diverged count that grows means settling raised the true "
+                              "energy at that many evaluations.", alt="PC diagnostics over training")
+
+
+def diagnostics_layers(data: dict[str, dict[int, pd.DataFrame]], run: str, fig_dir: Path) -> FigureResult:
+    """Per-layer series over training for `run` (pipeline.metrics.DIAGNOSTIC_SERIES), mean over seeds."""
+    frames = [df for df in data.get(run, {}).values() if len(df)]
+    if not frames:
+        return skipped(f"Per-layer diagnostics skipped: {run} has no per-layer series (<run>/<seed>_diagnostics.tsv).")
+    long = pd.concat(frames)
+    mean = long.groupby(["metric", "layer", "step"])["value"].mean()
+    panels = [("pc/grad_cos", "cosine to backprop, per block", "cos", False),
+              ("pc/precision", "layer precision π", "π (1 / variance)", True),
+              ("pc/error_energy", "prediction-error energy (no −½·log π)", "Σρ per token (nats)", True)]
+    panels = [p for p in panels if p[0] in mean.index.get_level_values("metric")]
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.0 * len(panels) + 0.5, 3.7), constrained_layout=True,
+                                 squeeze=False)
+        cmap = plt.get_cmap("viridis")
+        for ax, (metric, title, ylabel, log) in zip(axes[0], panels):
+            series = mean.loc[metric]
+            layers = sorted(series.index.get_level_values("layer").unique())
+            for layer in layers:
+                s = series.loc[layer]
+                ax.plot(s.index, s.to_numpy(), color=cmap(layer / max(1, len(layers) - 1)), lw=1.8, marker="o",
+                        ms=3, label=f"layer {layer}")
+            values = series.to_numpy(dtype=float)
+            if log and np.all(values[np.isfinite(values)] > 0) and np.nanmax(values) / max(np.nanmin(values), 1e-30) > 50:
+                ax.set_yscale("log")
+            ax.set(title=title, xlabel="training step", ylabel=ylabel)
+        axes[0][0].legend(fontsize=9)
+        path = _save(fig, fig_dir / "diagnostics_layers.png")
+    return FigureResult(path, f"{run} per layer over training (mean over seeds, one fixed training batch): the "
+                              "cosine between each block's PC weight update and its backprop gradient, the layer "
+                              "precisions, and each layer's prediction-error energy Σρ per scored token at the "
+                              "settled states, without the −½·log π normaliser (what the errors cost).",
+                        alt=f"{run}: per-layer diagnostics over training")
 
 
 # --------------------------------------------------------------- ablations
@@ -266,6 +348,8 @@ def settling(train_pts: Sequence[Point], test_pts: Sequence[Point], ref: Point |
 def precision(metrics: dict[str, Any], run: str, fig_dir: Path) -> FigureResult:
     """Learned precision per layer (pc/precision/<l>) and per attention head (attn/precision/<l>/<h>)."""
     layer = _layer_values(metrics, "pc/precision/")
+    if all(v == 1.0 for v in layer.values()):
+        layer = {}  # fixed precision: nothing was learned or estimated
     heads: dict[tuple[int, int], float] = {}
     for k, v in metrics.items():
         m = re.fullmatch(r"attn/precision/(\d+)/(\d+)", k)
@@ -313,35 +397,6 @@ def precision(metrics: dict[str, Any], run: str, fig_dir: Path) -> FigureResult:
     return FigureResult(path, cap, alt="Learned precision per layer and head")
 
 
-def energy(metrics: dict[str, Any], run: str, fig_dir: Path) -> FigureResult:
-    """Per-layer energy before and after settling (pc/energy_before/<l>, pc/energy_after/<l>)."""
-    before, after = _layer_values(metrics, "pc/energy_before/"), _layer_values(metrics, "pc/energy_after/")
-    layers = sorted(set(before) | set(after))
-    if not layers:
-        return skipped(f"Energy figure skipped: {run} reports no per-layer energy "
-                       f"(pc/energy_before/<layer>, pc/energy_after/<layer>).")
-    x = np.arange(len(layers))
-    with plt.rc_context(STYLE):
-        fig, ax = plt.subplots(figsize=(max(6.5, 0.9 * len(layers) + 3), 3.6), constrained_layout=True)
-        b = [before.get(l, np.nan) for l in layers]
-        a = [after.get(l, np.nan) for l in layers]
-        ax.bar(x - 0.2, b, width=0.4, color="#9aa3ab", label="before settling")
-        ax.bar(x + 0.2, a, width=0.4, color=COLORS["pcgpt"], label="after settling")
-        ax.set_xticks(x, [str(l) for l in layers])
-        vals = [v for v in b + a if np.isfinite(v) and v > 0]
-        if vals and max(vals) / min(vals) > 100:
-            ax.set_yscale("log")
-        ax.set(title="Prediction-error energy per layer", xlabel="layer l", ylabel=r"energy $E_l$ (nats)")
-        ax.legend()
-        path = _save(fig, fig_dir / "energy.png")
-    cap = f"Per-layer prediction-error energy of {run} before and after settling (end of training)"
-    if "pc/settle_residual" in metrics:
-        cap += f"; settling residual ‖∂E/∂x‖ = {float(metrics['pc/settle_residual']):.3g}"
-    if "pc/settle_steps" in metrics:
-        cap += f" after {float(metrics['pc/settle_steps']):g} steps"
-    return FigureResult(path, cap + ".", alt="Energy per layer before and after settling")
-
-
 def _token_label(tok: str) -> str:
     return tok.replace("\n", "\\n").replace("\t", "\\t").replace(" ", "·") or "∅"
 
@@ -382,5 +437,5 @@ def attention(maps: dict[str, dict[str, Any]], baseline: str, pcgpt: str, fig_di
     return FigureResult(path, cap, alt="Attention maps of one head")
 
 
-__all__ = ["FigureResult", "Bar", "Point", "curves", "ablation_bars", "settling", "precision", "energy",
-           "attention", "skipped"]
+__all__ = ["FigureResult", "Bar", "Point", "curves", "diagnostics_scalars", "diagnostics_layers", "ablation_bars",
+           "settling", "precision", "attention", "skipped"]

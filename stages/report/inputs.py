@@ -13,8 +13,9 @@ from typing import Any
 import pandas as pd
 
 from pipeline.io import sha256_file
-from pipeline.metrics import (CURVE_COLUMNS, DETAILS_SUFFIX, QUESTIONS, details_path, is_number, numeric,
-                              read_run_metrics)
+from pipeline.metrics import (CURVE_COLUMNS, DETAILS_SUFFIX, DIAGNOSTICS_COLUMNS, QUESTIONS, curve_path,
+                              details_path, diagnostics_path, is_number, numeric, read_run_metrics,
+                              run_seed_metrics)
 from stages.ablate import AblationConfig
 from stages.report.config import ReportConfig, ReportInputs
 
@@ -27,8 +28,9 @@ class ReportInputError(ValueError):
 class Inputs:
     """Everything the report reads, validated."""
 
-    pretrain: dict[str, dict[str, Any]]  # run -> metrics
-    curves: dict[str, pd.DataFrame]
+    pretrain: dict[str, dict[int, dict[str, Any]]]  # run -> seed -> metrics
+    curves: dict[str, dict[int, pd.DataFrame]]  # run -> seed -> one row per evaluation
+    diagnostics: dict[str, dict[int, pd.DataFrame]]  # run -> seed -> per-layer series (long format)
     samples: dict[str, list[dict[str, str]]]
     attention: dict[str, dict[str, Any]]
     ablate: list[dict[str, Any]]  # one metrics dict per grid item, in grid order
@@ -67,21 +69,31 @@ def check_metrics(obj: Any, path: Path, required: tuple[str, ...]) -> dict[str, 
     return obj
 
 
-def _check_curve(path: Path) -> pd.DataFrame:
+def _check_tsv(path: Path, columns: tuple[str, ...], what: str, text: tuple[str, ...] = (),
+               rows: bool = True) -> pd.DataFrame:
     try:
         df = pd.read_csv(path, sep="\t")
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise ReportInputError(f"{path}: not a valid TSV curve: {e}") from e
-    missing = [c for c in CURVE_COLUMNS if c not in df.columns]
+        raise ReportInputError(f"{path}: not a valid TSV {what}: {e}") from e
+    missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise ReportInputError(f"{path}: curve is missing column(s) {', '.join(missing)} "
-                               f"(expected header {' '.join(CURVE_COLUMNS)})")
-    for c in CURVE_COLUMNS:
-        if not pd.api.types.is_numeric_dtype(df[c]):
+        raise ReportInputError(f"{path}: {what} is missing column(s) {', '.join(missing)} "
+                               f"(expected header {' '.join(columns)})")
+    for c in df.columns:
+        if c not in text and not pd.api.types.is_numeric_dtype(df[c]) and len(df):
             raise ReportInputError(f"{path}: column {c!r} is not numeric")
-    if df.empty:
-        raise ReportInputError(f"{path}: curve has no rows")
+    if rows and df.empty:
+        raise ReportInputError(f"{path}: {what} has no rows")
     return df
+
+
+def _check_curve(path: Path) -> pd.DataFrame:
+    return _check_tsv(path, CURVE_COLUMNS, "curve")
+
+
+def _check_diagnostics(path: Path) -> pd.DataFrame:
+    """The per-layer series (empty for a backprop run)."""
+    return _check_tsv(path, DIAGNOSTICS_COLUMNS, "diagnostics table", text=("metric",), rows=False)
 
 
 def _check_samples(obj: Any, path: Path) -> list[dict[str, str]]:
@@ -106,11 +118,6 @@ def _check_attention(obj: Any, path: Path) -> dict[str, Any]:
     return obj
 
 
-def _pretrain_runs(folder: Path) -> list[str]:
-    suffixes = ("_samples", "_attention", DETAILS_SUFFIX)
-    return sorted(p.stem for p in folder.glob("*.json") if not p.stem.endswith(suffixes))
-
-
 def read_run(path: Path, what: str, required: tuple[str, ...]) -> dict[str, Any]:
     """One run's metrics (`<name>.json` + `<name>_details.json`, see pipeline/metrics.py), validated."""
     if not path.is_file():
@@ -131,16 +138,19 @@ def load_inputs(cfg: ReportConfig, ins: ReportInputs, root: Path, grid: Ablation
     if not pdir.is_dir():
         raise ReportInputError(f"{pdir}: missing (pretrain metrics folder); run `dvc repro pretrain` first")
     required = cfg.required_metrics
-    runs = _pretrain_runs(pdir)
-    for run in (cfg.baseline_run, cfg.pcgpt_run):
-        if run not in runs:
-            raise ReportInputError(f"{pdir / (run + '.json')}: missing (pretrain metrics of run {run!r}, "
-                                   f"report.{'baseline_run' if run == cfg.baseline_run else 'pcgpt_run'})")
-    pretrain = {r: read_run(pdir / f"{r}.json", "pretrain metrics", required) for r in runs}
-    curves, samples, attention = {}, {}, {}
-    for r in runs:
-        if (p := pdir / f"{r}_curve.tsv").is_file():
-            curves[r] = _check_curve(p)
+    pretrain: dict[str, dict[int, dict[str, Any]]] = {}
+    curves: dict[str, dict[int, pd.DataFrame]] = {}
+    diagnostics: dict[str, dict[int, pd.DataFrame]] = {}
+    samples, attention = {}, {}
+    for r in ins.runs:
+        pretrain[r], curves[r], diagnostics[r] = {}, {}, {}
+        for seed in ins.seeds:
+            path = run_seed_metrics(pdir, r, seed)
+            pretrain[r][seed] = read_run(path, f"pretrain metrics of run {r!r}, seed {seed}", required)
+            if (p := curve_path(path)).is_file():
+                curves[r][seed] = _check_curve(p)
+            if (p := diagnostics_path(path)).is_file():
+                diagnostics[r][seed] = _check_diagnostics(p)
         if (p := pdir / f"{r}_samples.json").is_file():
             samples[r] = _check_samples(read_json(p, "generated samples"), p)
         if (p := pdir / f"{r}_attention.json").is_file():
@@ -151,11 +161,11 @@ def load_inputs(cfg: ReportConfig, ins: ReportInputs, root: Path, grid: Ablation
         raise ReportInputError(f"{adir}: missing (ablation metrics folder); run `dvc repro ablate` first")
     present = {p.name: p for p in sorted(adir.glob("*.json")) if not p.stem.endswith(DETAILS_SUFFIX)}
     if grid is not None:
-        expected = [grid.metrics_path(v, s).name for v in grid.variants for s in grid.seeds]
+        expected = [grid.metrics_path(v, s).name for v in grid.variants for s in ins.seeds]
         for name in expected:
             if name not in present:
                 raise ReportInputError(f"{adir / name}: missing (ablation item of the grid in "
-                                       f"{params_file.name} ablation.variants x ablation.seeds)")
+                                       f"{params_file.name} ablation.variants x seeds)")
         extra = sorted(set(present) - set(expected))
         if extra:
             notes.append(f"Ignored {len(extra)} file(s) in {ins.ablate} that are not in the ablation "
@@ -163,12 +173,13 @@ def load_inputs(cfg: ReportConfig, ins: ReportInputs, root: Path, grid: Ablation
         files = [present[n] for n in expected]
     else:
         files = list(present.values())
-        notes.append(f"No ablation grid (ablation.variants, ablation.seeds) in {params_file.name}: "
+        notes.append(f"No ablation grid (ablation.variants) in {params_file.name}: "
                      f"every file in {ins.ablate} is reported.")
     ablate = []
     for p in files:
         m = read_run(p, "ablation metrics", required)
-        for key, tp in (("variant", str), ("question", str), ("description", str), ("override", dict)):
+        for key, tp in (("variant", str), ("question", str), ("description", str), ("override", dict),
+                        ("versus", str)):
             if not isinstance(m.get(key), tp):
                 raise ReportInputError(f"{p}: {key!r} missing or not a {tp.__name__}")
         if not isinstance(m.get("seed"), int) or isinstance(m["seed"], bool):
@@ -198,32 +209,37 @@ def load_inputs(cfg: ReportConfig, ins: ReportInputs, root: Path, grid: Ablation
     else:
         notes.append(f"No data manifest ({ins.manifest or 'no `data` section in params'}) in this "
                      "workspace (not a dependency of the report; `dvc pull` the download stage to hash it).")
-    return Inputs(pretrain, curves, samples, attention, ablate, download, tokenizer, tokens_meta,
+    return Inputs(pretrain, curves, diagnostics, samples, attention, ablate, download, tokenizer, tokens_meta,
                   sha256_file(params_file), manifest, notes)
 
 
 # --------------------------------------------------------------------- results
 
-ID_COLUMNS = ("source", "run", "variant", "seed", "question", "description", "override", "device")
+ID_COLUMNS = ("source", "run", "variant", "seed", "question", "description", "override", "versus", "device")
 
 
 def results_table(inputs: Inputs) -> pd.DataFrame:
-    """One row per run: pretrain runs, then ablation items; id columns, then every metric."""
-    rows = []
-    for run, m in inputs.pretrain.items():
-        rows.append({"source": "pretrain", "run": run, "variant": run, "seed": m.get("seed"),
-                     "question": None, "description": m.get("description"),
-                     "override": json.dumps(m.get("override", {}), sort_keys=True), **_metric_items(m)})
+    """One row per trained model: every seed of the pretrain runs (variant = the run), then the
+    ablation items; id columns, then every metric."""
+    rows, devices = [], []
+    for run, seeds in inputs.pretrain.items():
+        for seed, m in seeds.items():
+            rows.append({"source": "pretrain", "run": f"{run}-{seed}", "variant": run, "seed": seed,
+                         "question": None, "description": None, "override": "{}", "versus": None,
+                         **_metric_items(m)})
+            devices.append(m["device"])
     for m in inputs.ablate:
         rows.append({"source": "ablate", "run": f"{m['variant']}-{m['seed']}", "variant": m["variant"],
                      "seed": m["seed"], "question": m["question"], "description": m["description"],
-                     "override": json.dumps(m["override"], sort_keys=True), **_metric_items(m)})
+                     "override": json.dumps(m["override"], sort_keys=True), "versus": m["versus"],
+                     **_metric_items(m)})
+        devices.append(m["device"])
     df = pd.DataFrame(rows)
-    df["device"] = [m["device"] for m in [*inputs.pretrain.values(), *inputs.ablate]]
+    df["device"] = devices
     metric_cols = sorted(c for c in df.columns if c not in ID_COLUMNS)
     df = df[list(ID_COLUMNS) + metric_cols]
     df["seed"] = df["seed"].astype("Int64")
-    for c in ("source", "run", "variant", "question", "description", "override", "device"):
+    for c in ("source", "run", "variant", "question", "description", "override", "versus", "device"):
         df[c] = df[c].astype("string")
     for c in metric_cols:
         df[c] = pd.to_numeric(df[c], errors="coerce").astype(float)

@@ -34,7 +34,8 @@ def prepare(root: Path = Path("."), params_file: Path | None = None
     return cfg, ins, load_inputs(cfg, ins, root, grid, params_file), params
 
 
-def write_report(inputs: Inputs, cfg: ReportConfig, ins: ReportInputs, root: Path) -> dict[str, Path]:
+def write_report(inputs: Inputs, cfg: ReportConfig, ins: ReportInputs, root: Path,
+                 params: dict[str, Any] | None = None) -> dict[str, Path]:
     """Draw and build everything first: the figures in a folder that then replaces figures/
     whole, the files each atomically once all of it is built; a failure leaves the previous
     report untouched."""
@@ -42,7 +43,7 @@ def write_report(inputs: Inputs, cfg: ReportConfig, ins: ReportInputs, root: Pat
     paths = {name: out / name for name in ("report.md", "report.html", "results.parquet", "results.csv")}
     with atomic_dir(out / "figures") as fig_dir:
         results = results_table(inputs)
-        blocks, subtitle = build_document(inputs, results, cfg, ins, root, fig_dir)
+        blocks, subtitle = build_document(inputs, results, cfg, ins, root, fig_dir, params)
         markdown, html = to_markdown(TITLE, blocks, "figures"), to_html(TITLE, subtitle, blocks)
         with atomic_path(paths["results.parquet"]) as tmp:
             results.to_parquet(tmp, index=False, engine="pyarrow")
@@ -66,8 +67,8 @@ def log_report(tracker: tracking.Tracker, paths: dict[str, Path]) -> None:
 
 def run(root: Path = Path("."), params_file: Path | None = None) -> dict[str, Path]:
     """Validate every input, then write the report (no tracking); returns the written paths."""
-    cfg, ins, inputs, _ = prepare(root, params_file)
-    return write_report(inputs, cfg, ins, root)
+    cfg, ins, inputs, params = prepare(root, params_file)
+    return write_report(inputs, cfg, ins, root, params)
 
 
 def main() -> int:
@@ -81,7 +82,7 @@ def main() -> int:
         fail("report", e)
     manifest = root / inputs.manifest[0] if inputs.manifest else None
     with tracking.stage_run("report", params=cfg, config=track_cfg, manifest=manifest) as tracker:
-        paths = write_report(inputs, cfg, ins, root)
+        paths = write_report(inputs, cfg, ins, root, params)
         log_report(tracker, paths)
     print(f"report: wrote {', '.join(str(p) for p in paths.values())} in {time.perf_counter() - t0:.1f}s")
     return 0

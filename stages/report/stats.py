@@ -104,18 +104,33 @@ class VariantSummary:
     diff: Diff | None  # None for the reference itself
     verdict: str
     kind: str
+    versus: str = ""  # the run the difference is taken against
+    max_abs: float | None = None  # equivalence checks: largest |difference| of a seed to its twin
+
+
+def equivalence_verdict(diff: Diff, max_abs: float | None, versus: str) -> tuple[str, str]:
+    """An equivalence check passes when the seeds match their twins of `versus` exactly, or at
+    least the interval of the difference contains zero; otherwise the construction failed."""
+    if max_abs is not None and max_abs == 0.0:
+        return f"identical to {versus} on every seed (as constructed)", "neutral"
+    if diff.lo is not None and diff.hi is not None and diff.lo <= 0.0 <= diff.hi:
+        suffix = f", largest per-seed |Δ| {max_abs:.2g}" if max_abs is not None else ""
+        return f"no detectable difference from {versus}{suffix}", "neutral"
+    return f"differs from {versus}: the equivalence does not hold", "worse"
 
 
 def summarize_ablation(runs: pd.DataFrame, metric: str, table_metrics: list[str], reference: str,
                        confidence: float) -> dict[str, VariantSummary]:
     """Per variant: mean ± CI of `metric` and the table's metrics, the difference of `metric`
-    to `reference` and the verdict.
+    to the run it is compared with (its `versus` column, else `reference`) and the verdict.
 
-    `runs` is the ablation part of the results table (one row per variant x seed; it must
-    hold the reference). Variants keep the order in which they first appear in `runs`.
+    `runs` holds one row per variant x seed: the grid's items and the pretrain runs they are
+    compared with (the reference among them). Variants keep the order in which they first
+    appear in `runs`.
     """
-    metrics = list(dict.fromkeys([metric, *table_metrics, "perf/step_ms", "pc/settle_steps"]))
+    metrics = list(dict.fromkeys([metric, *table_metrics, "perf/step_ms", "pc/settle_steps", "wall_s"]))
     out: dict[str, VariantSummary] = {}
+    values: dict[str, dict[int, float]] = {}
     for variant, group in runs.groupby("variant", sort=False):
         first = group.iloc[0]
         # The decision metric always gets stats (a diverged seed's NaN makes them NaN and the
@@ -123,15 +138,25 @@ def summarize_ablation(runs: pd.DataFrame, metric: str, table_metrics: list[str]
         # no pc/settle_steps).
         st = {m: mean_ci(group[m].to_numpy(dtype=float), confidence)
               for m in metrics if m in group and (m == metric or group[m].notna().all())}
+        versus = first["versus"] if "versus" in group and not pd.isna(first["versus"]) else ""
         out[str(variant)] = VariantSummary(
             variant=str(variant), question=str(first["question"]), description=str(first["description"]),
             override=json.loads(first["override"]), seeds=sorted(int(s) for s in group["seed"]),
-            stats=st, diff=None, verdict="", kind="")
-    ref = out[reference].stats[metric]
+            stats=st, diff=None, verdict="", kind="", versus=str(versus or reference))
+        values[str(variant)] = dict(zip((int(s) for s in group["seed"]), group[metric].astype(float)))
     for s in out.values():
         if s.variant == reference:
-            s.verdict, s.kind = "reference", "ref"
+            s.verdict, s.kind, s.versus = "reference", "ref", ""
             continue
-        s.diff = welch_diff(s.stats[metric], ref, confidence)
-        s.verdict, s.kind = verdict(s.diff, metric, reference)
+        if s.versus not in out:
+            s.verdict, s.kind = f"not computable: no runs of {s.versus}", "na"
+            continue
+        s.diff = welch_diff(s.stats[metric], out[s.versus].stats[metric], confidence)
+        if s.question == "equivalence":
+            twins = values[s.versus]
+            pairs = [abs(v - twins[seed]) for seed, v in values[s.variant].items() if seed in twins]
+            s.max_abs = max(pairs) if pairs else None
+            s.verdict, s.kind = equivalence_verdict(s.diff, s.max_abs, s.versus)
+        else:
+            s.verdict, s.kind = verdict(s.diff, metric, s.versus)
     return out
