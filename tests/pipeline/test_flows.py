@@ -22,7 +22,7 @@ def dag():
 def test_dag_comes_from_dvc_with_every_training_stage_after_the_tokenizer(dag):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     abl = params["ablation"]
-    items = {f"ablate@{v}-{s}" for v in abl["variants"] for s in abl["seeds"]}
+    items = {f"ablate@{v}-{s}" for v in abl["variants"] for s in params["seeds"]}
     pretrain = {f"pretrain@{r}" for r in params["runs"]}
     assert set(dag) == {"download", "tokenizer", "report"} | pretrain | items
     order = list(dag)
@@ -46,7 +46,7 @@ def test_a_new_variant_is_a_new_stage_without_code_changes(project):
         "question": "precision", "override": {"model": {"attention": {"precision": "token"}}}}
     project.set_params(params)
     dag = flows.read_dag(project.path)
-    new = {f"ablate@attn_prec_token-{s}" for s in params["ablation"]["seeds"]}
+    new = {f"ablate@attn_prec_token-{s}" for s in params["seeds"]}
     assert new <= set(dag)
     assert all(dag[n].upstream == ("tokenizer",) and dag[n].gpu for n in new)
     assert new <= set(dag["report"].upstream)
@@ -65,10 +65,10 @@ def test_targets_bring_their_upstream_stages_and_groups_expand(dag):
 
 
 def test_overrides_use_dvcs_own_parser_and_name_a_bad_key(project):
-    text = flows.params_with(project.path, ["train.steps=7", "ablation.seeds=[3,4]",
+    text = flows.params_with(project.path, ["train.steps=7", "seeds=[3,4]",
                                             "tokenizer.kind=char"])
     new = yaml.safe_load(text)
-    assert new["train"]["steps"] == 7 and new["ablation"]["seeds"] == [3, 4]
+    assert new["train"]["steps"] == 7 and new["seeds"] == [3, 4]
     assert new["tokenizer"]["kind"] == "char"
     assert (project.path / "params.yaml").read_text() != text  # the workspace is untouched
     assert not list(project.path.glob(".tmp-params-*"))

@@ -78,9 +78,10 @@ def test_load_section_from_file(tmp_path):
 
 # ------------------------------------------------------------------ the whole-file check
 
-# A complete params file of this test's own: every section, two runs, a small grid.
+# A complete params file of this test's own: every section, the headline's four runs, a small grid.
 PARAMS = {
     "seed": 1,
+    "seeds": [0, 1],
     "data": {"source": "synthetic", "catalog": {"synthetic": {
         "kind": "synthetic", "tasks": ["copy"], "n_docs": 10, "min_len": 4, "max_len": 8}}},
     "tokenizer": {"kind": "char"},
@@ -90,14 +91,15 @@ PARAMS = {
     "pc": {"algorithm": "bp"},
     "train": {"steps": 10, "micro_batch": 2},
     "runs": {"baseline": {},
+             "bp_gaussian": {"model": {"attention": {"kernel": "gaussian", "precision": "head"}}},
+             "pc_dot": {"pc": {"algorithm": "pc", "settle_steps": 2}},
              "pcgpt": {"model": {"attention": {"kernel": "gaussian", "precision": "head"}},
                        "pc": {"algorithm": "pc", "settle_steps": 2}}},
-    "ablation": {"base": "pcgpt", "seeds": [0, 1], "variants": {
-        "pcgpt": {"question": "control"},
-        "bp": {"question": "control", "override": {"pc": {"algorithm": "bp"},
-                                                   "model": {"attention": {"kernel": "dot"}}}},
+    "ablation": {"base": "pcgpt", "variants": {
+        "bp": {"question": "algorithm", "override": {"pc": {"algorithm": "bp"},
+                                                     "model": {"attention": {"kernel": "dot"}}}},
         "err_laplace": {"question": "distribution", "override": {"pc": {"error": "laplace"}}}}},
-    "report": {"reference": "pcgpt", "control": "bp"},
+    "report": {"pcgpt_run": "pcgpt", "kernel_run": "bp_gaussian"},
 }
 
 
@@ -125,7 +127,8 @@ def test_a_complete_file_passes():
     (("ablation.variants.err_laplace.override.pc.error", "laplce"),
      "pc.error='laplce': must be one of gaussian, student_t, laplace (after merging ablation.variants.err_laplace)"),
     (("runs.pcgpt.optim", {"lr": 1}), "runs.pcgpt.optim: unknown section (allowed: model, pc, train)"),
-    (("report.reference", "pc"), "report.reference: 'pc' is not an ablation variant (known: bp, err_laplace, pcgpt)"),
+    (("report.kernel_run", "bp"), "report.kernel_run: 'bp' is not a run (known: baseline, bp_gaussian, pc_dot, pcgpt)"),
+    (("seeds", [0, 0]), "seeds=[0, 0]: must not repeat"),
     (("extra", {"a": 1}), "extra: unknown section (known: "),
     (("data.source", "wiki"), "data.source: unknown source 'wiki' (catalog has: synthetic)"),
 ])

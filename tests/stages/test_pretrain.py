@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -32,10 +33,14 @@ from stages.pretrain.evaluation import attention_record
 from stages.pretrain.trainer import Trainer, train
 from tests.stages.pretrain_helpers import env, run_stage, workspace, write_params
 
+SEED = 7  # the helper's params have `seed: 7` and no `seeds`: one seed, 7
 OUTPUTS = ("models/baseline/model.safetensors", "models/baseline/meta.json",
-           "metrics/pretrain/baseline.json", "metrics/pretrain/baseline_details.json",
-           "metrics/pretrain/baseline_curve.tsv",
+           "metrics/pretrain/baseline.json", "metrics/pretrain/baseline/7.json",
+           "metrics/pretrain/baseline/7_details.json", "metrics/pretrain/baseline/7_curve.tsv",
+           "metrics/pretrain/baseline/7_diagnostics.tsv",
            "metrics/pretrain/baseline_samples.json", "metrics/pretrain/baseline_attention.json")
+SEED_METRICS = "metrics/pretrain/baseline/7.json"
+CHECKPOINTS = "checkpoints/baseline/seed7"
 
 
 def weights(root: Path, run: str = "baseline") -> dict[str, torch.Tensor]:
@@ -51,7 +56,7 @@ def in_process(root: Path, run: str = "baseline") -> tuple[PretrainConfig, RunPa
     m = cfg.train
     for name in ("models_dir", "metrics_dir", "checkpoints_dir"):
         setattr(m, name, str(root / getattr(m, name)))
-    return cfg, RunPaths.for_run(run, m, root / "data/tokens", root / "data/tokenizer")
+    return cfg, RunPaths.for_run(run, m, root / "data/tokens", root / "data/tokenizer", cfg.seed)
 
 
 # ------------------------------------------------------------------------ the stage end to end
@@ -62,19 +67,24 @@ def test_stage_writes_every_output_and_beats_unigram(tmp_path):
     assert_ok(run_stage(root, "baseline"))
     for rel in OUTPUTS:
         assert (root / rel).is_file(), rel
-    m = read_run_metrics(root / "metrics/pretrain/baseline.json")
+    m = read_run_metrics(root / SEED_METRICS)
     for key in ("run", "step", "tokens", "wall_s", "train/loss", "val/loss", "val/ppl", "val/bpb",
-                "val/acc", "val/unigram_bpb", "perf/tok_per_s", "perf/mfu_pct", "perf/step_ms",
-                "mem/peak_gib", "device", "n_params"):
+                "val/acc", "val/unigram_bpb", "val/majority_acc", "perf/tok_per_s", "perf/mfu_pct",
+                "perf/step_ms", "mem/peak_gib", "device", "n_params"):
         assert key in m, key
-    # the DVC metric holds the headline numbers only (a bp run has no PC summary)
-    assert list(json.loads((root / "metrics/pretrain/baseline.json").read_text())) == sorted(HEADLINE)
+    # the seed's file holds the headline numbers only (a bp run has no PC summary); the run's
+    # DVC metric is their mean over the seeds (one here)
+    assert list(json.loads((root / SEED_METRICS).read_text())) == sorted(HEADLINE)
+    mean = json.loads((root / "metrics/pretrain/baseline.json").read_text())
+    assert mean == {"seeds": 1, **json.loads((root / SEED_METRICS).read_text())}
     assert m["step"] == 60 and m["tokens"] == 60 * 4 * 32
     assert m["val/bpb"] < m["val/unigram_bpb"], m
+    assert m["val/acc"] > m["val/majority_acc"] > 0, m
     assert math.isclose(m["val/ppl"], math.exp(m["val/loss"]), rel_tol=1e-6)
-    curve = (root / "metrics/pretrain/baseline_curve.tsv").read_text().splitlines()
-    assert curve[0].split("\t") == ["step", "tokens", "wall_s", "train_loss", "val_loss", "lr"]
+    curve = (root / "metrics/pretrain/baseline/7_curve.tsv").read_text().splitlines()
+    assert curve[0].split("\t") == ["step", "tokens", "wall_s", "train_loss", "val_loss", "val_bpb", "val_acc", "lr"]
     assert [int(r.split("\t")[0]) for r in curve[1:]] == [20, 40, 60]
+    assert (root / "metrics/pretrain/baseline/7_diagnostics.tsv").read_text() == "step\twall_s\tmetric\tlayer\tvalue\n"
     meta = json.loads((root / "models/baseline/meta.json").read_text())
     assert meta["step"] == 60 and meta["model"]["vocab_size"] == meta["vocab_size_data"]
     assert meta["tokenizer_sha256"] == json.loads((root / "data/tokens/meta.json").read_text())["tokenizer_sha256"]
@@ -108,7 +118,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     root = workspace(tmp_path / "killed", train=train_params)
     proc = subprocess.Popen([sys.executable, "-m", "stages.pretrain", "baseline"], cwd=root,
                             env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ck_dir = root / "checkpoints" / "baseline"
+    ck_dir = root / CHECKPOINTS
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not list(ck_dir.glob("step_*.json")):
         time.sleep(0.005)
@@ -126,14 +136,14 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    m_ref = read_run_metrics(ref / "metrics/pretrain/baseline.json")
-    m_res = read_run_metrics(root / "metrics/pretrain/baseline.json")
+    m_ref = read_run_metrics(ref / SEED_METRICS)
+    m_res = read_run_metrics(root / SEED_METRICS)
     for k in ("val/loss", "val/acc", "train/loss", "tokens", "step"):
         assert m_ref[k] == m_res[k], k
     for name in ("baseline_samples.json", "baseline_attention.json"):
         assert (ref / "metrics/pretrain" / name).read_text() == (root / "metrics/pretrain" / name).read_text()
     curve = lambda r: [l.split("\t")[:2] + l.split("\t")[3:] for l in  # noqa: E731 (wall_s differs)
-                       (r / "metrics/pretrain/baseline_curve.tsv").read_text().splitlines()]
+                       (r / "metrics/pretrain/baseline/7_curve.tsv").read_text().splitlines()]
     assert curve(ref) == curve(root)
 
 
@@ -147,7 +157,7 @@ def test_nan_loss_stops_naming_step_and_checkpoint_and_writes_nothing(tmp_path):
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "at step 17" in proc.stderr and "step_00000015.pt" in proc.stderr, proc.stderr[-3000:]
     assert {rel: (root / rel).read_bytes() for rel in OUTPUTS} == before
-    steps = [c.step for c in ckpt.valid_checkpoints(root / "checkpoints/baseline")]
+    steps = [c.step for c in ckpt.valid_checkpoints(root / CHECKPOINTS)]
     assert max(steps) == 15, steps
 
 
@@ -235,10 +245,10 @@ def test_ddp_two_gloo_processes_complete_and_save_once(tmp_path):
         raise
     proc = subprocess.CompletedProcess(launcher.args, launcher.returncode, out, err)
     assert_ok(proc)
-    assert proc.stdout.count("pretrain@baseline: step 12") == 1, proc.stdout
-    m = read_run_metrics(root / "metrics/pretrain/baseline.json")
+    assert proc.stdout.count("pretrain@baseline seed 7: step 12") == 1, proc.stdout
+    m = read_run_metrics(root / SEED_METRICS)
     assert m["step"] == 12 and m["tokens"] == 12 * 256  # 2 ranks x 4 seqs x 32 tokens x accum 1
-    ck = sorted(p.name for p in (root / "checkpoints/baseline").iterdir())
+    ck = sorted(p.name for p in (root / CHECKPOINTS).iterdir())
     assert ck == ["step_00000006.json", "step_00000006.pt", "step_00000012.json", "step_00000012.pt"]
     from mlflow.tracking import MlflowClient
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
@@ -253,7 +263,7 @@ def test_tracking_down_still_completes(tmp_path):
     proc = run_stage(root, "baseline", MLFLOW_TRACKING_URI="http://127.0.0.1:9")
     assert_ok(proc)
     assert "unavailable" in proc.stderr
-    assert read_run_metrics(root / "metrics/pretrain/baseline.json")["step"] == 10
+    assert read_run_metrics(root / SEED_METRICS)["step"] == 10
 
 
 @pytest.mark.slow
@@ -274,7 +284,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_nonzero(tmp_path):
     text = "".join(err)
     assert proc.returncode == 128 + signal.SIGTERM, text[-2000:]
     assert "stopped by SIGTERM" in text
-    found = ckpt.valid_checkpoints(root / "checkpoints/baseline")
+    found = ckpt.valid_checkpoints(root / CHECKPOINTS)
     assert len(found) == 1 and 0 < found[0].step < 100000
 
 
@@ -368,3 +378,35 @@ def test_trainer_state_dict_round_trip_continues_identically(tmp_path):
         t.step(batches(3), cfg.train.lr_at(3))
     for (name, pa), pb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
         assert torch.equal(pa, pb), name
+
+
+def test_pc_diagnostics_at_every_evaluation_leave_training_unchanged(tmp_path):
+    """The probe at each evaluation (PCGPT.pc_diagnostics on a fixed training batch) settles and
+    would fold its errors into the `variance` precision's running mean: a run evaluated every 2
+    steps ends with the weights and buffers of one evaluated once. Its numbers reach the curve
+    (one row per evaluation) and the long per-layer table."""
+    runs = {"pc": {"model": {"attention": {"kernel": "gaussian", "precision": "head"}},
+                   "pc": {"algorithm": "pc", "settle_steps": 2, "state_lr": 1.0, "precision": "layer",
+                          "precision_update": "variance"}}}
+    out = {}
+    for every in (2, 8):
+        root = workspace(tmp_path / f"every{every}", runs=runs, train={"steps": 8, "eval_every": every})
+        cfg, paths = in_process(root, "pc")
+        out[every] = (train(cfg, "pc", paths, progress=False), paths)
+    a, b = (load_file(str(out[e][1].model_dir / "model.safetensors")) for e in (2, 8))
+    assert a.keys() == b.keys() and any("error_var" in k for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    final, paths = out[2]
+    assert -1 <= final["pc/grad_cos"] <= 1 and final["pc/settle_diverged_count"] in (0, 1, 2, 3, 4)
+    curve = pd.read_csv(paths.curve, sep="\t")
+    assert list(curve["step"]) == [2, 4, 6, 8]
+    for col in ("grad_cos", "settle_residual", "energy_drop", "settle_rejected", "precision_mean", "diverged_count"):
+        assert curve[col].notna().all(), col
+    assert curve["diverged_count"].is_monotonic_increasing
+    diag = pd.read_csv(paths.diagnostics, sep="\t")
+    per_eval = diag.groupby("step").size()
+    assert list(per_eval.index) == [2, 4, 6, 8] and (per_eval == per_eval.iloc[0]).all()
+    assert set(diag["metric"]) == {"pc/grad_cos", "pc/precision", "pc/error_energy", "pc/true_error_energy",
+                                   "pc/error"}
+    assert sorted(set(diag["layer"])) == [0, 1]  # the helper's 2-layer model

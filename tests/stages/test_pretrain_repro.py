@@ -10,11 +10,12 @@ import mlflow.artifacts
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.metrics import read_run_metrics
+from pipeline.metrics import read_run_metrics, run_seed_metrics
 
 pytestmark = pytest.mark.slow
 RUNS = ("baseline", "pcgpt")
 TINY = {
+    "seeds": [0],
     "data": {"source": "synthetic", "catalog": {"synthetic": {"n_docs": 200, "min_len": 4, "max_len": 16}}},
     "tokenizer": {"kind": "char"},
     "model": {"block_size": 32, "n_layer": 2, "n_head": 2, "n_embd": 32},
@@ -31,10 +32,10 @@ def test_repro_trains_both_runs_and_tracks_them_in_mlflow(project):
         assert f"Running stage '{stage}'" in proc.stdout, stage
     p, params = project.path, project.params
     for run in RUNS:
-        m = read_run_metrics(p / f"metrics/pretrain/{run}.json")
+        m = read_run_metrics(run_seed_metrics(p / "metrics/pretrain", run, 0))
         assert m["run"] == run and m["step"] == 20
         assert (p / f"models/{run}/model.safetensors").is_file()
-        assert len((p / f"metrics/pretrain/{run}_curve.tsv").read_text().splitlines()) == 3
+        assert len((p / f"metrics/pretrain/{run}/0_curve.tsv").read_text().splitlines()) == 3
     assert "Data and pipelines are up to date" in project.dvc("status", *(f"pretrain@{r}" for r in RUNS)).stdout
     assert "Running stage" not in project.dvc("repro", "pretrain@pcgpt").stdout
 
@@ -62,7 +63,7 @@ def test_repro_trains_both_runs_and_tracks_them_in_mlflow(project):
         assert sorted({h.step for h in history}) == [5, 10, 15, 20]
         assert sorted(h.step for h in client.get_metric_history(child.info.run_id, "val/bpb")) == [10, 20]
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
-        assert {"meta.json", f"{run}.json", f"{run}_details.json", f"{run}_curve.tsv",
+        assert {"meta.json", "0.json", "0_details.json", "0_curve.tsv", "0_diagnostics.tsv",
                 f"{run}_samples.json", f"{run}_attention.json"} <= artifacts, artifacts
 
     name = f"{params['tracking']['registered_model']}-baseline"
