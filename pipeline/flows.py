@@ -604,8 +604,9 @@ def _mlflow_link(parent: tracking.Tracker) -> tuple[str, str] | None:
 
 
 def headline_table(root: Path) -> list[dict[str, Any]] | None:
-    """The report's headline (baseline vs PC-GPT on `report.headline_metrics`), read from
-    the results.csv the report stage wrote; None if there is no report."""
+    """The report's headline (baseline vs PC-GPT on `report.headline_metrics`, the mean over
+    each run's seeds), read from the results.csv the report stage wrote; None if there is no
+    report."""
     import csv
 
     params = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8")) or {}
@@ -613,13 +614,21 @@ def headline_table(root: Path) -> list[dict[str, Any]] | None:
     path = root / rep.get("out_dir", "reports") / "results.csv"
     if not path.is_file():
         return None
+    runs: dict[str, list[dict[str, str]]] = {}
     with open(path, newline="", encoding="utf-8") as f:
-        runs = {r["run"]: r for r in csv.DictReader(f) if r.get("source") == "pretrain"}
+        for r in csv.DictReader(f):
+            if r.get("source") == "pretrain":  # one row per seed; `variant` names the run
+                runs.setdefault(r["variant"], []).append(r)
     names = [rep.get("baseline_run", "baseline"), rep.get("pcgpt_run", "pcgpt")]
     if not all(n in runs for n in names):
         return None
-    return [{"metric": m, **{n: runs[n].get(m, "") for n in names}}
-            for m in rep.get("headline_metrics", [])]
+
+    def mean(rows: list[dict[str, str]], m: str) -> str:
+        try:
+            return repr(sum(float(r[m]) for r in rows) / len(rows))
+        except (KeyError, ValueError):
+            return ""
+    return [{"metric": m, **{n: mean(runs[n], m) for n in names}} for m in rep.get("headline_metrics", [])]
 
 
 def publish(rows: dict[str, dict[str, Any]], root: Path, parent: tracking.Tracker,

@@ -1,18 +1,24 @@
 """Stage `pretrain@<run>`: train one named model config on the token shards.
 
 Reads:  data/tokens/{train,val}.bin + meta.json, data/tokenizer/ (paths from the
-        `tokenizer` section); params.yaml `seed`, `model`, `pc`, `train`, and
+        `tokenizer` section); params.yaml `seeds`, `model`, `pc`, `train`, and
         `runs.<run>` (an override of model/pc/train, deep-merged over them); every
         run and the `tokenizer` and `tracking` sections are checked before any work.
-Writes: models/<run>/model.safetensors + meta.json (pipeline/model_dir.py)
-        metrics/pretrain/<run>.json              headline metrics (a DVC metric)
-        metrics/pretrain/<run>_details.json      the rest: diagnostics, device, ... (pipeline/metrics.py)
-        metrics/pretrain/<run>_curve.tsv         one row per evaluation (`dvc plots`)
-        metrics/pretrain/<run>_samples.json      seeded samples from fixed prompts
+Writes: for every seed s of `seeds`, trained in turn in this one process:
+        metrics/pretrain/<run>/<s>.json          headline metrics
+        metrics/pretrain/<run>/<s>_details.json  the rest: diagnostics, device, ... (pipeline/metrics.py)
+        metrics/pretrain/<run>/<s>_curve.tsv     one row per evaluation, with the PC probe's scalars
+        metrics/pretrain/<run>/<s>_diagnostics.tsv  the probe's per-layer series (long format)
+        checkpoints/<run>/seed<s>/               resumable state (scratch, not a DVC out)
+        an MLflow stage run (pipeline/tracking.py), tagged pcgpt.seed
+        and once per run:
+        metrics/pretrain/<run>.json              the headline averaged over seeds (the DVC metric)
+        models/<run>/model.safetensors + meta.json  the first seed's model (pipeline/model_dir.py),
+                                                 registered as `<tracking.registered_model>-<run>`
+                                                 (alias `tracking.model_alias`); the other seeds'
+                                                 models stay in checkpoints/<run>/
+        metrics/pretrain/<run>_samples.json      the first seed's samples from fixed prompts
         metrics/pretrain/<run>_attention.json    one head's attention on a val window
-        checkpoints/<run>/                       resumable state (scratch, not a DVC out)
-        an MLflow stage run (pipeline/tracking.py) with the final model registered
-        as `<tracking.registered_model>-<run>` (alias `tracking.model_alias`).
 Run:    python -m stages.pretrain baseline          (or `dvc repro pretrain@baseline`)
         torchrun --nproc_per_node=N -m stages.pretrain baseline   (DDP)
 

@@ -201,10 +201,11 @@ class RunPaths:
 
     @classmethod
     def in_folder(cls, folder: str | Path, tokens_dir: str | Path, tokenizer_dir: str | Path) -> RunPaths:
-        """Every output in one scratch folder (an ablation item's run)."""
+        """Every output in one scratch folder (an ablation item's run; no samples or attention
+        map: the report reads neither for grid items, and sampling costs ~1 s a run on CPU)."""
         f = Path(folder)
         return cls(Path(tokens_dir), Path(tokenizer_dir), f / "model", f / "train.json", f / "curve.tsv",
-                   f / "diagnostics.tsv", f / "samples.json", f / "attention.json", f / "checkpoints")
+                   f / "diagnostics.tsv", None, None, f / "checkpoints")
 
 
 def run_metrics(train: TrainConfig, run: str) -> Path:

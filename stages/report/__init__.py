@@ -2,9 +2,10 @@
 
 Reads (JSON/TSV only, never Markdown; pipeline/metrics.py is the contract; the paths come
 from the writers' own params sections, stages/report/config.py):
-  <train.metrics_dir>/<run>.json + _details.json, _curve.tsv, _samples.json, _attention.json
+  <train.metrics_dir>/<run>/<seed>.json + _details.json, _curve.tsv, _diagnostics.tsv for every
+  run of `runs` and seed of `seeds`; <run>_samples.json, <run>_attention.json
   <ablation.metrics_dir>/<variant>-<seed>.json + _details.json (the grid: `ablation.variants`
-  x `ablation.seeds`, parsed by stages/ablate.py)
+  x `seeds`, parsed by stages/ablate.py)
   <data.metrics_file>, <tokenizer.metrics_file>, <tokenizer.tokens_dir>/meta.json,
   <data.raw_dir>/<data.source>/manifest.json (hashed for provenance when present), params.yaml
 Writes (under `report.out_dir`, default `reports/`):
@@ -25,9 +26,12 @@ and validation, the results table), stats.py (intervals, Welch differences,
 verdicts; pure), document.py (the blocks of the report), figures.py, render.py
 (Markdown and HTML), stage.py (prepare, write, log; `main`).
 
-Statistics: mean ± t-interval over seeds per variant; each variant's difference
-to the reference variant (`report.reference`, the unchanged PC-GPT) with a Welch
-interval; the verdict only claims what that interval supports.
+Statistics: mean ± t-interval over seeds per run and variant; the headline's 2x2
+contrasts (kernel effect baseline -> bp_gaussian, algorithm effect bp_gaussian ->
+pcgpt, ...) and each variant's difference to the run it is compared with (the
+reference `report.pcgpt_run`, or its `versus`) with a Welch interval; a verdict only
+claims what its interval supports. Equivalence checks pass when every seed equals its
+twin.
 
 This file imports nothing: `python -m pipeline.params check` reads config.py alone.
 """

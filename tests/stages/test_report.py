@@ -23,7 +23,7 @@ from scipy import stats as sps
 
 from pipeline.io import sha256_file
 from pipeline.metrics import diverged_record, read_run_metrics, write_run_metrics
-from pipeline.params import load_section
+from pipeline.params import ParamsError, load_section
 from stages.report import figures as report_figures
 from stages.report import stats
 from stages.report.config import ReportConfig
@@ -425,3 +425,33 @@ def test_dvc_stage_runs_and_logs_to_the_parent_run(project):
     assert {"report/report.html", "report/report.md", "report/results.parquet", "report/figures"} <= logged
     (child,) = client.search_runs([exp.experiment_id], "tags.`pcgpt.kind` = 'stage'")
     assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+
+
+def test_regime_says_when_pc_is_backprop_by_construction():
+    """model/pc.py: fixed predictions at T >= n_layer with state_lr 1 (Gaussian, full pathway)
+    give backprop's gradients; free predictions, fewer steps or a smaller step do not."""
+    from model.config import PCConfig
+    from stages.report.document import bp_by_construction
+
+    fixed = dict(algorithm="pc", settle_steps=4, state_lr=1.0, fixed_predictions=True)
+    assert "fixed predictions at equilibrium" in bp_by_construction(PCConfig(**fixed), 4)
+    assert bp_by_construction(PCConfig(**{**fixed, "settle_steps": 8}), 4)
+    for change in ({"settle_steps": 3}, {"state_lr": 0.5}, {"fixed_predictions": False},
+                   {"error": "student_t"}, {"error_pathway": "bottom_up"}):
+        assert bp_by_construction(PCConfig(**{**fixed, **change}), 4) is None, change
+    assert bp_by_construction(PCConfig(algorithm="ipc", settle_steps=0), 4) == "T = 0 is defined as backprop"
+    assert bp_by_construction(PCConfig(algorithm="bp"), 4) == "it is backprop"
+
+
+def test_the_grid_base_must_be_the_headline_pcgpt_run():
+    from stages.report.config import check_params
+
+    params = {"runs": {r: {} for r in ("baseline", "bp_gaussian", "pc_dot", "pcgpt", "other")},
+              "ablation": {"base": "other", "variants": {}}, "report": {}}
+    with pytest.raises(ParamsError, match=re.escape("report.pcgpt_run: 'pcgpt' must be the ablation grid's base")):
+        check_params(params)
+    params["ablation"]["base"] = "pcgpt"
+    check_params(params)
+    params["report"]["kernel_run"] = "baseline"
+    with pytest.raises(ParamsError, match="must be four different runs"):
+        check_params(params)

@@ -65,3 +65,21 @@ def test_summary_per_variant_against_the_reference():
     assert summ["worse"].kind == "worse" and summ["worse"].diff.estimate == pytest.approx(0.1)
     assert summ["one"].verdict == "1 seed: no interval" and summ["one"].seeds == [0]
     assert "pc/settle_steps" not in summ["ref"].stats  # only metrics the runs report
+
+
+def test_equivalence_checks_pass_on_twins_and_fail_on_a_real_difference():
+    def rows(variant, losses, versus="", question="equivalence"):
+        return pd.DataFrame({"variant": [variant] * 3, "seed": [0, 1, 2], "question": [question] * 3,
+                             "description": ["d"] * 3, "override": ["{}"] * 3, "versus": [versus] * 3,
+                             "val/loss": losses, "val/acc": [0.5] * 3})
+    ref = rows("pcgpt", [3.0, 3.1, 2.9], question="control")
+    bp = rows("bp", [2.50, 2.60, 2.55], question="control")
+    cases = {"same": [2.50, 2.60, 2.55], "rounding": [2.500003, 2.599998, 2.55],
+             "noise": [2.52, 2.58, 2.57], "off": [2.80, 2.90, 2.85]}
+    runs = pd.concat([ref, bp, *(rows(k, v, "bp") for k, v in cases.items())])
+    summ = stats.summarize_ablation(runs, "val/loss", [], "pcgpt", 0.95)
+    assert summ["same"].verdict == "identical to bp on every seed (as constructed)"
+    assert summ["rounding"].verdict.startswith("equal to bp on every seed up to float rounding")
+    assert summ["noise"].verdict.startswith("no detectable difference from bp")
+    assert summ["off"].verdict == "differs from bp: the equivalence does not hold" and summ["off"].kind == "worse"
+    assert summ["off"].diff.estimate == pytest.approx(0.30)  # against `versus`, not the reference
