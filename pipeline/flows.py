@@ -101,6 +101,10 @@ MAX_PARALLEL = 64  # task threads: a 36-item grid waits on its GPU slots all at 
 LOCK_RETRIES = 3
 CHILD_GRACE_S = 25.0  # < the worker's 30 s between SIGTERM and SIGKILL
 SLOT_POLL_S = 0.25
+# A slot of a process that died is freed when its lease runs out: the server's minimum
+# (60 s, renewed every 45 s) rather than Prefect's default 300 s, so a dead host's next run
+# does not wait five minutes for its own GPU.
+SLOT_LEASE_S = 60
 SERVER_WAIT_S = 120.0  # setup waits this long for a server that is still starting
 # DVC exits 255 on every failure; these texts mark the ones another process's lock caused.
 _LOCK_ERROR = re.compile(r"Unable to acquire lock|is busy, it is being blocked by|LockError")
@@ -351,14 +355,15 @@ def _first_free_device(devices: list[str]) -> Iterator[str]:
 def gpu_slot(devices: list[str], log: Callable[[str], None]) -> Iterator[str]:
     """Hold one device of this host and one slot of its limit `gpu:<host>`; yield the device
     (`0`, `1`, ... or `cpu<i>`). Both are released when the block exits or the process dies
-    (the lock by the kernel, the limit's lease after its 300 s duration)."""
+    (the lock by the kernel, the limit's slot when its lease runs out: SLOT_LEASE_S)."""
     from prefect.concurrency.sync import concurrency
 
     name = slot_limit_name()
     log(f"waiting for a GPU slot: {name}, devices {', '.join(devices)}")
     with _first_free_device(devices) as dev:
         # A failed lease renewal must not kill a training of hours (prefect #19068).
-        with concurrency(name, occupy=1, strict=True, raise_on_lease_renewal_failure=False):
+        with concurrency(name, occupy=1, strict=True, lease_duration=SLOT_LEASE_S,
+                         raise_on_lease_renewal_failure=False):
             log(f"GPU slot taken: {name} device {dev}")
             try:
                 yield dev
