@@ -153,7 +153,10 @@ def _execute(plan: Plan, force: bool, distribute: bool, run_id: str, run_name: s
     logger = get_run_logger()
     root = plan.root
     tcfg = load_section(tracking.TrackingConfig, "tracking", root / "params.yaml")
-    with contextlib.suppress(Exception):  # housekeeping: never stops a run
+    # housekeeping: never stops a run, and never waits on a store that does not answer
+    probe = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+             "MLFLOW_HTTP_REQUEST_TIMEOUT": str(tracking.PROBE_TIMEOUT_S)}
+    with contextlib.suppress(Exception), tracking._http_limits(probe, override=True):
         _close_stale_parents(tcfg)
     tags = {"prefect.flow_run_id": run_id, "prefect.flow_run_url": url,
             "pcgpt.overrides": " ".join(plan.overrides) or None}
