@@ -155,6 +155,7 @@ whole in one CUDA graph.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 
@@ -312,6 +313,13 @@ class _Batch:
 
     def predict(self, layer: int, below: torch.Tensor) -> torch.Tensor:
         return self.model.blocks[layer](below, self.cos, self.sin)
+
+    def predict_for_states(self, layer: int, below: torch.Tensor) -> torch.Tensor:
+        """μ_l for a gradient with respect to the states only: through the compiled weight-free
+        view of the block when there is one (PCGPT.compile), whose backward skips the weight
+        gradients that a compiled backward would otherwise always compute."""
+        views = self.model._state_blocks
+        return (views[layer] if views else self.model.blocks[layer])(below, self.cos, self.sin)
 
     @staticmethod
     def as_state(mu: torch.Tensor) -> torch.Tensor:
@@ -525,7 +533,7 @@ def _free_energy(batch: _Batch, states: list[torch.Tensor], mu0: torch.Tensor, l
     pc, energy, L = batch.pc, batch.energy, batch.L
     first = max(0, lo - 1)  # the lowest state with a gradient: top-down from layer lo
     leaves = [s if l < first else s.detach().requires_grad_() for l, s in enumerate(states)]
-    mus = {l: batch.predict(l, leaves[l - 1]) for l in range(max(1, lo), L)}
+    mus = {l: batch.predict_for_states(l, leaves[l - 1]) for l in range(max(1, lo), L)}
     if lo == 0:
         mus[0] = mu0
     errors = {l: (leaves[l] - mus[l].to(leaves[l].dtype)).detach() for l in range(lo, L)}
@@ -863,6 +871,8 @@ class PCGPT(GPT):
         # Created after GPT.init_weights and drawing nothing from the RNG (PCEnergy's
         # reset_parameters), so a PC model's weights equal the baseline's for the same seed.
         self.pc_energy = PCEnergy(config)
+        # compile(): weight-free views of the blocks for the states' gradients (not submodules)
+        object.__setattr__(self, "_state_blocks", None)
 
     def training_step(self, idx: torch.Tensor, targets: torch.Tensor, *, grad_scale: float = 1.0,
                       label_smoothing: float = 0.0, optimizer: torch.optim.Optimizer | None = None
@@ -886,6 +896,16 @@ class PCGPT(GPT):
         for block in self.blocks:
             block.compile(**kwargs)
         self.head_loss = torch.compile(self.head_loss, **kwargs)
+        # AOTAutograd compiles one backward per graph that returns every gradient the forward's
+        # inputs may need, weights included: settling's vector-Jacobian products through the
+        # blocks would pay for weight gradients nobody reads. The views below hold the same
+        # weights (aliases: optimizer steps and loaded checkpoints show through) as buffers, so
+        # their compiled backward computes the input gradient only.
+        views = [_weight_free_view(block) for block in self.blocks]
+        for view in views:
+            view.compile(**kwargs)
+        object.__setattr__(self, "_state_blocks", views)
+
 
     def pc_diagnostics(self, idx: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         """How PC is doing on one (fixed) batch, for evaluation steps; weights and .grad are
@@ -931,6 +951,18 @@ class PCGPT(GPT):
             out["pc/energy_drop"] = ((e0 - e1) / e0.abs().clamp_min(1e-30)).float()
             out["pc/settle_diverged"] = ((e1 > e0) | ~torch.isfinite(e1)).float()
         return {k: v.detach() for k, v in out.items()}
+
+
+def _weight_free_view(module: nn.Module) -> nn.Module:
+    """A copy of `module` whose parameters are buffers aliasing the originals' storage (no
+    gradient, no copy of the data): the same function, differentiable in its inputs only."""
+    memo = {id(t): t.detach() for t in (*module.parameters(), *module.buffers())}
+    view = copy.deepcopy(module, memo)
+    for m in view.modules():
+        for name, t in list(m._parameters.items()):
+            del m._parameters[name]
+            m.register_buffer(name, t, persistent=False)  # None stays None (a Linear's bias)
+    return view
 
 
 def _cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:

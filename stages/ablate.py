@@ -130,7 +130,7 @@ def load_ablation(params: dict[str, Any]) -> AblationConfig:
 def item_config(params: dict[str, Any], abl: AblationConfig, variant: str, seed: int):
     """The PretrainConfig of one grid item: base run <- variant override, seed."""
     # here, not at the top: the report reads the grid through this module without torch
-    from stages.pretrain.config import check_override, merge_config
+    from stages.pretrain.config import RUN_SECTIONS, merge_config
 
     if variant not in abl.variants:
         raise ParamsError(f"ablation.variants.{variant}: no such variant "
@@ -139,9 +139,11 @@ def item_config(params: dict[str, Any], abl: AblationConfig, variant: str, seed:
     if abl.base not in runs:
         raise ParamsError(f"ablation.base={abl.base!r}: no such run in `runs` "
                           f"(known: {', '.join(sorted(runs))})")
-    # a base run of the wrong shape fails as itself: one line, not one per variant
-    check_override(runs[abl.base] or {}, f"runs.{abl.base}")
-    override = deep_merge(runs[abl.base] or {}, abl.variants[variant].override)
+    # Only the base run's well-formed sections: a malformed one is the runs check's problem
+    # (one line), and must not hide this variant's own problems.
+    base = runs[abl.base] if isinstance(runs[abl.base], dict) else {}
+    base = {s: v for s, v in base.items() if s in RUN_SECTIONS and isinstance(v, dict)}
+    override = deep_merge(base, abl.variants[variant].override)
     cfg = merge_config(params, override, f"ablation.variants.{variant}")
     return dataclasses.replace(cfg, seed=seed)
 

@@ -11,9 +11,13 @@ Prints per stage: seconds under `dvc repro` (from one "Running stage" line to th
 and seconds of the flow's `dvc repro --single-item` process; then the totals, and the
 Prefect overhead per stage = (flow - dvc repro) / stages.
 
-    python tests/bench/bench_flows.py            # the default pipeline (~15 min each way on 2 cores)
-    python tests/bench/bench_flows.py --tiny     # the tests' tiny profile (2-layer, 2x1 grid)
-    python tests/bench/bench_flows.py --grid 2   # default models, the first 2 ablation variants
+    python tests/bench/bench_flows.py                    # the default pipeline (~15 min each
+                                                         # way on an idle 2-core box)
+    python tests/bench/bench_flows.py --tiny             # the tests' tiny profile (7 stages)
+    python tests/bench/bench_flows.py --tiny --full-grid # the default DAG (41 stages: every
+                                                         # variant x seed) with tiny models:
+                                                         # the per-stage overhead at full width
+    python tests/bench/bench_flows.py --grid 2           # default models, 2 ablation variants
 """
 
 from __future__ import annotations
@@ -28,8 +32,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from tests.conftest import ROOT  # noqa: E402
 from tests.pipeline.prefect_helpers import (PrefectServer, Workspace, artifacts,  # noqa: E402
                                             quiet_nightly, run_deployment, table, wait_final)
 
@@ -53,19 +60,25 @@ def plain_repro(ws: Workspace) -> tuple[float, dict[str, float]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="the tests' tiny profile")
+    ap.add_argument("--full-grid", action="store_true",
+                    help="with --tiny: the default grid's variants and seeds at the tiny scale")
     ap.add_argument("--grid", type=int, default=0, help="keep only the first N ablation variants")
     args = ap.parse_args()
+    default_grid = {k: yaml.safe_load((ROOT / "params.yaml").read_text())["ablation"][k]
+                    for k in ("variants", "seeds")}
     root = Path(tempfile.mkdtemp(prefix="pcgpt-bench-flows-"))
     server = PrefectServer(root / "prefect-home")
     a = Workspace.create(root / "dvc", server, tiny=args.tiny)
     b = Workspace.create(root / "prefect", server, tiny=args.tiny)
     try:
         for ws in (a, b):
+            p = ws.params
+            if args.full_grid:
+                p["ablation"].update(default_grid)
             if args.grid:
-                p = ws.params
                 p["ablation"]["variants"] = dict(list(p["ablation"]["variants"].items())[:args.grid])
-                ws.set_params(p, replace=("ablation",))
-                ws.commit("smaller grid")
+            ws.set_params(p, replace=("ablation",))
+            ws.commit("bench grid")
         dvc_total, dvc_stages = plain_repro(a)
 
         b.run(sys.executable, "-m", "pipeline.flows", "setup")
@@ -88,6 +101,7 @@ def main() -> None:
     n = len(rows)
     print(f"\n{platform.node()}, {platform.processor() or platform.machine()}, "
           f"{'tiny profile' if args.tiny else 'default params'}"
+          f"{', the default grid' if args.full_grid else ''}"
           f"{f', {args.grid} ablation variants' if args.grid else ''}: {n} stages\n")
     print(f"| {'stage':<28} | {'dvc repro s':>11} | {'flow: dvc process s':>19} |")
     print(f"|{'-' * 30}|{'-' * 13}|{'-' * 21}|")

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import psutil
-import yaml
 
 from pipeline.params import deep_merge
 from tests.conftest import PROJECT_FILES, ROOT, Project
@@ -45,6 +44,14 @@ TINY_GRID = {
 TINY_STAGES = {"download", "tokenizer", "pretrain@baseline", "pretrain@bp_gaussian", "pretrain@pc_dot",
                "pretrain@pcgpt", "ablate@settle_T1-0", "ablate@bp-0", "report"}
 ARTIFACTS = ROOT / "test-artifacts" / "prefect"
+
+
+def tiny_params(base: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The repository's params `base` on the tiny profile (its ablation grid replaced by
+    TINY_GRID), then `extra` merged in."""
+    tiny = deep_merge({k: v for k, v in base.items() if k != "ablation"},
+                      {**TINY, "ablation": {**base["ablation"], **TINY_GRID}})
+    return deep_merge(tiny, extra or {})
 
 
 def free_port() -> int:
@@ -179,10 +186,7 @@ class Workspace(Project):
                 shutil.copy2(src, path / name)
         ws = cls(path, server, host=host)
         if tiny:
-            base = yaml.safe_load((path / "params.yaml").read_text())
-            base = deep_merge({k: v for k, v in base.items() if k != "ablation"},
-                              {**TINY, "ablation": {**base["ablation"], **TINY_GRID}})
-            ws.set_params(deep_merge(base, params or {}), replace=("ablation",))
+            ws.set_params(tiny_params(ws.params, params), replace=("ablation",))
         elif params:
             ws.set_params(params)
         ws.run("git", "init", "-q")

@@ -480,8 +480,11 @@ def test_a_dead_host_leaves_the_run_crashed_and_a_rerun_resumes(server, tmp_path
         ws.stop_workers()
         setup_host(ws)  # the automation back to its default
     assert not (ws.path / "metrics/pretrain/pcgpt.json").exists()
-    # the next run (here without a worker) resumes the training and closes the dead run's parent
+    # the next run (here without a worker) resumes the training and closes the dead run's
+    # parent; it waits for the dead run's GPU slot until that slot's lease runs out
+    t0 = time.monotonic()
     out = ws.flows("run", "pretrain@pcgpt")
+    print(f"re-run after the host's death: {time.monotonic() - t0:.0f} s")
     assert "pretrain@pcgpt: resumed from" in out.stdout + out.stderr
     assert json.loads((ws.path / "metrics/pretrain/pcgpt.json").read_text())["step"] == LONG["train"]["steps"]
     assert "Data and pipelines are up to date" in ws.dvc("status", "pretrain@pcgpt").stdout

@@ -195,3 +195,10 @@ def test_a_stage_checks_its_sections_before_any_work(tmp_path, monkeypatch):
     assert [ln.split(":")[1].strip() for ln in lines] == ["error"] * 3
     assert ["seed" in lines[0], "data.val_fraction" in lines[1], "tracking.flush_interval_s" in lines[2]] == [True] * 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_a_broken_base_run_does_not_hide_a_broken_variant():
+    params = with_changes(("runs.pcgpt.optim", {"lr": 1}), ("train.steps", "many"),
+                          ("ablation.variants.err_laplace.override.pc.error", "laplce"))
+    found = check_file_dict(params)
+    assert [f.split(":")[0] for f in found] == ["train.steps", "runs.pcgpt.optim", "pc.error='laplce'"], found
