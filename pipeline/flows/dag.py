@@ -127,7 +127,12 @@ def read_dag(root: Path) -> dict[str, Stage]:
 
     with Repo(str(root)) as repo:
         graph = repo.index.graph
-        order = [s for s in reversed(list(nx.topological_sort(graph))) if isinstance(s, PipelineStage)]
+        # ties in dvc.yaml's order: every pretrain run (all its seeds, the longest stages)
+        # is submitted, and takes a GPU slot, before the grid items that are ready with it
+        pos = {s: i for i, s in enumerate(repo.index.stages)}
+        order = [s for s in nx.lexicographical_topological_sort(graph.reverse(copy=False),
+                                                                 key=lambda s: pos.get(s, -1))
+                 if isinstance(s, PipelineStage)]
         dag = {}
         for s in order:
             ups = tuple(sorted(u.name for u in graph.successors(s) if isinstance(u, PipelineStage)))

@@ -20,7 +20,8 @@ from stages.report import figures as figs
 from stages.report.config import ReportConfig, ReportInputs
 from stages.report.inputs import Inputs, ReportInputError
 from stages.report.render import Badge, Block, Bullets, Heading, Note, Para, Samples, Table
-from stages.report.stats import Diff, MeanCI, VariantSummary, mean_ci, summarize_ablation, verdict, welch_diff
+from stages.report.stats import (Diff, MeanCI, Ratio, VariantSummary, fieller_ratio, mean_ci, summarize_ablation,
+                                 verdict, welch_diff)
 
 QUESTIONS = tuple(QUESTION_TITLES)  # the questions with a table (reference and control rows in each)
 
@@ -159,10 +160,10 @@ def headline_blocks(inputs: Inputs, cfg: ReportConfig, params: dict[str, Any] | 
     effects = headline_effects(inputs, cfg)
     ml = METRICS[cfg.metric]
     blocks.append(Table(
-        ["Effect", "Contrast", f"Δ {ml.short} [{pct}% Welch CI]", "Verdict"],
-        [[name, f"{a} − {b}", fmt_diff(d, cfg.metric), Badge(*verdict(d, cfg.metric, b))]
-         for name, a, b, d in effects],
-        ["l", "l", "r", "l"],
+        ["Effect", "Contrast", f"Δ {ml.short} [{pct}% Welch CI]", f"ratio [{pct}% Fieller CI]", "Verdict"],
+        [[name, f"{a} − {b}", fmt_diff(d, cfg.metric), fmt_ratio(run_ratio(inputs, cfg, a, b)),
+          Badge(*verdict(d, cfg.metric, b))] for name, a, b, d in effects],
+        ["l", "l", "r", "r", "l"],
         caption=f"The 2x2 separates the attention kernel from the training algorithm ({ml.label}, "
                 f"{ml.unit}; a verdict names a direction only when the interval excludes zero)."))
     for run in (cfg.pcgpt_run, cfg.pc_dot_run):
@@ -193,6 +194,22 @@ def headline_effects(inputs: Inputs, cfg: ReportConfig) -> list[tuple[str, str, 
             ("kernel effect (under PC)", c.pcgpt_run, c.pc_dot_run, d(c.pcgpt_run, c.pc_dot_run)),
             ("algorithm effect (dot attention)", c.pc_dot_run, c.baseline_run, d(c.pc_dot_run, c.baseline_run)),
             ("PC-GPT vs the GPT baseline", c.pcgpt_run, c.baseline_run, d(c.pcgpt_run, c.baseline_run))]
+
+
+def run_ratio(inputs: Inputs, cfg: ReportConfig, a: str, b: str) -> Ratio:
+    """mean(a) / mean(b) of the report metric over seeds, with Fieller's interval."""
+    return fieller_ratio(mean_ci(_values(inputs, a, cfg.metric), cfg.confidence),
+                         mean_ci(_values(inputs, b, cfg.metric), cfg.confidence), cfg.confidence)
+
+
+def fmt_ratio(r: Ratio) -> str:
+    if not math.isfinite(r.estimate):
+        return "n/a"
+    if r.lo is None or r.hi is None:
+        return f"{r.estimate:.4f}"
+    if not (math.isfinite(r.lo) and math.isfinite(r.hi)):
+        return f"{r.estimate:.4f} [unbounded]"
+    return f"{r.estimate:.4f} [{r.lo:.4f}, {r.hi:.4f}]"
 
 
 # -------------------------------------------------------------------- above chance
@@ -360,7 +377,8 @@ def build_document(inputs: Inputs, results: pd.DataFrame, cfg: ReportConfig, ins
     blocks.append(Heading("At a glance", 2, "glance"))
     n_seeds = len(next(iter(inputs.pretrain.values())))
     glance = [f"{name}: {a} − {b} = {fmt_diff(d, cfg.metric)} {ml.unit} ({pct}% Welch interval over "
-              f"{n_seeds} seeds): {verdict(d, cfg.metric, b)[0]}." for name, a, b, d in effects[:2]]
+              f"{n_seeds} seeds), ratio {fmt_ratio(run_ratio(inputs, cfg, a, b))} ({pct}% Fieller interval): "
+              f"{verdict(d, cfg.metric, b)[0]}." for name, a, b, d in effects[:2]]
     glance.append(f"Above chance: {chance_line}" + (f"; {majority_line}." if majority_line else "."))
     cos = _values(inputs, cfg.pcgpt_run, "pc/grad_cos")
     if cos:

@@ -76,6 +76,37 @@ def welch_diff(a: MeanCI, b: MeanCI, confidence: float) -> Diff:
     return Diff(est, est - half, est + half, df)
 
 
+@dataclass(frozen=True)
+class Ratio:
+    """mean(a) / mean(b) with Fieller's interval; lo/hi None with one seed, inf when the
+    denominator's own interval contains zero (the ratio is then unbounded)."""
+
+    estimate: float
+    lo: float | None
+    hi: float | None
+
+
+def fieller_ratio(a: MeanCI, b: MeanCI, confidence: float) -> Ratio:
+    """Ratio of two independent means with Fieller's interval: every R with
+    (ā − R·b̄)² ≤ t²·(s_a²/n_a + R²·s_b²/n_b), t at the Welch–Satterthwaite df of that
+    variance at R = ā/b̄ (Fieller 1954; the usual interval for a PC/BP loss ratio)."""
+    est = a.mean / b.mean if b.mean else float("nan")
+    if a.n < 2 or b.n < 2 or not math.isfinite(est):
+        return Ratio(est, None, None)
+    va, vb = a.sd ** 2 / a.n, b.sd ** 2 / b.n
+    var = va + est ** 2 * vb
+    if var == 0.0:
+        return Ratio(est, est, est)
+    df = var ** 2 / (va ** 2 / (a.n - 1) + (est ** 2 * vb) ** 2 / (b.n - 1))
+    t2 = t_critical(confidence, df) ** 2
+    qa = b.mean ** 2 - t2 * vb
+    if qa <= 0.0:
+        return Ratio(est, -math.inf, math.inf)
+    qb, qc = a.mean * b.mean, a.mean ** 2 - t2 * va
+    root = math.sqrt(max(qb ** 2 - qa * qc, 0.0))
+    return Ratio(est, (qb - root) / qa, (qb + root) / qa)
+
+
 def verdict(diff: Diff, metric: str, reference: str) -> tuple[str, str]:
     """Plain-language verdict and its kind (better/worse/neutral/na), claiming only what the interval supports."""
     spec = METRICS[metric]

@@ -28,6 +28,9 @@ def test_dag_comes_from_dvc_with_every_training_stage_after_the_tokenizer(dag):
     assert set(dag) == {"download", "tokenizer", "report"} | pretrain | items
     order = list(dag)
     assert order[:2] == ["download", "tokenizer"] and order[-1] == "report"
+    # ties in dvc.yaml's order: the pretrain runs (every seed in one process, the longest
+    # stages) are submitted, and take GPU slots, before the grid items ready with them
+    assert order[2:2 + len(pretrain)] == [f"pretrain@{r}" for r in params["runs"]]
     assert dag["tokenizer"].upstream == ("download",)
     for name in pretrain | items:  # all of them can run at once after the tokenizer
         assert dag[name].upstream == ("tokenizer",), name

@@ -83,3 +83,30 @@ def test_equivalence_checks_pass_on_twins_and_fail_on_a_real_difference():
     assert summ["noise"].verdict.startswith("no detectable difference from bp")
     assert summ["off"].verdict == "differs from bp: the equivalence does not hold" and summ["off"].kind == "worse"
     assert summ["off"].diff.estimate == pytest.approx(0.30)  # against `versus`, not the reference
+
+
+def test_fieller_ratio_matches_the_defining_inequality_and_the_delta_method():
+    import math
+
+    from stages.report.stats import fieller_ratio, mean_ci, t_critical
+
+    a = mean_ci([1.50, 1.52, 1.49], 0.95)
+    b = mean_ci([1.47, 1.48, 1.46], 0.95)
+    r = fieller_ratio(a, b, 0.95)
+    assert r.lo < a.mean / b.mean < r.hi
+    va, vb = a.sd ** 2 / a.n, b.sd ** 2 / b.n
+    # the bounds are the roots of (a - R b)^2 = t^2 (va + R^2 vb) at the df used
+    for bound in (r.lo, r.hi):
+        lhs = (a.mean - bound * b.mean) ** 2
+        est = a.mean / b.mean
+        var = va + est ** 2 * vb
+        df = var ** 2 / (va ** 2 / 2 + (est ** 2 * vb) ** 2 / 2)
+        assert math.isclose(lhs, t_critical(0.95, df) ** 2 * (va + bound ** 2 * vb), rel_tol=1e-9)
+    # small relative errors: close to the delta-method interval
+    half = t_critical(0.95, df) * math.sqrt(var) / b.mean
+    assert math.isclose(r.hi - r.lo, 2 * half, rel_tol=0.01)
+    # a denominator indistinguishable from zero gives an unbounded interval
+    z = fieller_ratio(a, mean_ci([-1.0, 0.5, 1.0], 0.95), 0.95)
+    assert z.lo == -math.inf and z.hi == math.inf
+    # one seed: no interval
+    assert fieller_ratio(mean_ci([1.0], 0.95), b, 0.95).lo is None
