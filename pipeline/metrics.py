@@ -125,11 +125,12 @@ def numeric(d: dict[str, Any]) -> dict[str, float]:
 # the report has one table per question, the reference and control rows in each.
 # `equivalence`: a variant equal to another run by construction (`equals`), a check of the
 # code, reported apart from the findings.
-QUESTIONS = ("control", "algorithm", "precision", "distribution", "pathway", "settling", "compute",
-             "equivalence")
+QUESTIONS = ("control", "algorithm", "precision", "distribution", "pathway", "settling", "numerics",
+             "compute", "equivalence")
 QUESTION_TITLES = {"algorithm": "Training algorithm", "precision": "Precision weighting",
                    "distribution": "Distributions", "pathway": "Error propagation pathways",
-                   "settling": "Settling", "compute": "Compute-matched comparison (equal wall clock)"}
+                   "settling": "Settling", "numerics": "Numerics: the error's size against the float format",
+                   "compute": "Compute-matched comparison (equal wall clock)"}
 
 
 def diverged_record(run: str, error: str, device: str) -> dict[str, Any]:

@@ -31,6 +31,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_tf32_flags():
+    """Training turns TF32 on process-wide (stages/pretrain/runtime.py); an fp32 test run
+    after it in the same process would then compare TF32 matmuls against 1e-4 bounds."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
 class Project:
     """A copy of the repository in a temp dir, with its own git repo and DVC."""
 
