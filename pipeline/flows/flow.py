@@ -73,9 +73,10 @@ class Plan:
 def plan_run(root: Path, targets: list[str] | None, overrides: list[str], distribute: bool) -> Plan:
     """Every check before any work: the DAG, the targets, the overrides, this host's GPU-slot
     limit (GPU stages run here) or a clean commit (GPU stages run elsewhere)."""
-    dag = read_dag(root)
-    order = select(dag, targets)
     params_text = params_with(root, overrides) if overrides else None
+    with params_applied(root, params_text):  # overrides of `seeds` or the grid change the DAG
+        dag = read_dag(root)
+    order = select(dag, targets)
     devices: list[str] = []
     commit = None
     if distribute:

@@ -84,6 +84,19 @@ def test_overrides_use_dvcs_own_parser_and_name_a_bad_key(project):
         flows.params_with(project.path, ["other.yaml:a=1"])
 
 
+def test_a_flow_plans_the_dag_of_its_overridden_params(project):
+    """Overrides of `seeds` (or of the grid) change which stages exist: the flow's plan reads
+    the DAG with them applied, then leaves params.yaml as it was."""
+    from pipeline.flows.flow import plan_run
+
+    before = (project.path / "params.yaml").read_text()
+    plan = plan_run(project.path, ["tokenizer"], ["seeds=[7]"], distribute=False)
+    items = [n for n in plan.dag if n.startswith("ablate@")]
+    assert items and all(n.endswith("-7") for n in items), items
+    assert plan.order == ["download", "tokenizer"] and plan.devices == []
+    assert (project.path / "params.yaml").read_text() == before
+
+
 def test_device_locks_never_share_a_device_and_free_on_exit(monkeypatch):
     monkeypatch.setenv(flows.ENV_HOST, f"test-{time.time_ns()}")
     devices = ["0", "1"]
