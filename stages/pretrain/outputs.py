@@ -115,7 +115,10 @@ def write_outputs(paths: RunPaths, model: GPT, meta: dict[str, Any], curve: list
             write_json(path, obj)
             written.append(path)
     write_run_metrics(paths.metrics, final)
-    tracker.log_metrics({k: v for k, v in numeric(final).items() if k not in LOGGED_IN_LOOP},
+    logged = set(LOGGED_IN_LOOP)
+    if curve and curve[-1].get("step") == final["step"]:  # the last evaluation's PC probe
+        logged.update(k for k in curve[-1] if k.startswith("pc/"))
+    tracker.log_metrics({k: v for k, v in numeric(final).items() if k not in logged},
                         step=final["step"])
     for p in written:
         tracker.log_artifact(p)

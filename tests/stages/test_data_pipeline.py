@@ -24,7 +24,7 @@ def test_repro_local_source_then_noop_then_only_tokenizer(project):
     for i in range(6):
         (project.path / "corpus" / f"part{i}.txt").write_text(text[i * 20_000:(i + 1) * 20_000])
     project.set_params({"data": {"source": "local", "val_fraction": 0.2},
-                        "tokenizer": {"vocab_size": 300}})
+                        "tokenizer": {"kind": "bpe", "vocab_size": 300}})
     project.commit("local corpus")
 
     first = project.dvc("repro", "tokenizer")
