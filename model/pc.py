@@ -242,19 +242,21 @@ class PCEnergy(nn.Module):
         """Student-t degrees of freedom per layer, (L,); None for other errors."""
         return None if self.nu_raw is None else F.softplus(self.nu_raw)
 
+    def at(self, layer: int, detach: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(log π, ν) of one layer, what the per-layer functions below take: (1,) or (C,) and a
+        0-d ν, or None where absent; `detach` for the settling arithmetic (no graph)."""
+        lp, nu = self.log_precision(), self.nu()
+        lp = None if lp is None else lp[layer]
+        nu = None if nu is None else nu[layer]
+        if detach:
+            lp = None if lp is None else lp.detach()
+            nu = None if nu is None else nu.detach()
+        return lp, nu
+
     def error_energy(self, e: torch.Tensor, layer: int) -> torch.Tensor:
         """Σ_c [ρ(e_c; π_c) − ρ(0)] for each position: what the prediction errors cost, zero at
         e = 0 (the normalisers, −½·log π and Student-t's ν terms, left out): (..., C) -> (...)."""
-        lp = self.log_precision()
-        lp = None if lp is None else lp[layer]
-        z2 = e.square() if lp is None else e.square() * lp.exp()  # π·e²
-        if self.pc.error == "gaussian":
-            return 0.5 * z2.sum(-1)
-        if self.pc.error == "student_t":
-            nu = self.nu()[layer]
-            return 0.5 * (nu + 1) * torch.log1p(z2 / nu).sum(-1)
-        eps = self.pc.laplace_eps
-        return (torch.sqrt(z2 + eps) - math.sqrt(eps)).sum(-1)
+        return _rho(e, *self.at(layer), self.pc.error, self.pc.laplace_eps)
 
     def normaliser(self, layer: int, channels: int) -> torch.Tensor | float:
         """Σ_c of the density's normaliser for one position: −½·log π, and for Student-t
@@ -280,16 +282,85 @@ class PCEnergy(nn.Module):
     def curvature(self, e: torch.Tensor, layer: int) -> torch.Tensor | None:
         """The IRLS weight w = ρ'(e)/e, the curvature of the quadratic that majorises ρ at e
         (module docstring): π, (ν+1)π/(ν+πe²), π/√(πe²+ε). None where it is 1 (Gaussian, π = 1)."""
-        lp = self.log_precision()
-        pi = None if lp is None else lp[layer].exp()
-        if self.pc.error == "gaussian":
-            return pi
-        z2 = e.square() if pi is None else pi * e.square()
-        num = 1.0 if pi is None else pi
-        if self.pc.error == "student_t":
-            nu = self.nu()[layer]
-            return (nu + 1) * num / (nu + z2)
-        return num / torch.sqrt(z2 + self.pc.laplace_eps)
+        return _curvature(e, *self.at(layer), self.pc.error, self.pc.laplace_eps)
+
+
+def _rho(e: torch.Tensor, lp: torch.Tensor | None, nu: torch.Tensor | None, error: str, laplace_eps: float
+         ) -> torch.Tensor:
+    """Σ_c [ρ(e_c) − ρ(0)] of one layer with log-precision lp and ν (PCEnergy.error_energy)."""
+    z2 = e.square() if lp is None else e.square() * lp.exp()  # π·e²
+    if error == "gaussian":
+        return 0.5 * z2.sum(-1)
+    if error == "student_t":
+        return 0.5 * (nu + 1) * torch.log1p(z2 / nu).sum(-1)
+    return (torch.sqrt(z2 + laplace_eps) - math.sqrt(laplace_eps)).sum(-1)
+
+
+def _curvature(e: torch.Tensor, lp: torch.Tensor | None, nu: torch.Tensor | None, error: str,
+               laplace_eps: float) -> torch.Tensor | None:
+    """The IRLS weight ρ'(e)/e of one layer (PCEnergy.curvature)."""
+    pi = None if lp is None else lp.exp()
+    if error == "gaussian":
+        return pi
+    z2 = e.square() if pi is None else pi * e.square()
+    num = 1.0 if pi is None else pi
+    if error == "student_t":
+        return (nu + 1) * num / (nu + z2)
+    return num / torch.sqrt(z2 + laplace_eps)
+
+
+class _StepMath:
+    """The element-wise arithmetic of a free-prediction settling step, one layer per call.
+
+    Plain functions, which PCGPT.compile() compiles into one fused kernel each: eager,
+    one step of one layer is ~20 kernels over (B, T, C) fp32 tensors, which cost a
+    third of the PC step's GPU time at the char config (issue 10's profile)."""
+
+    def __init__(self, pc, compiled: bool = False):
+        self.pc = pc
+        for name in ("propose", "measure", "accept", "judge"):
+            fn = getattr(self, "_" + name)
+            setattr(self, name, torch.compile(fn, dynamic=False) if compiled else fn)
+
+    def _direction(self, g, e, lp, nu):
+        w = _curvature(e, lp, nu, self.pc.error, self.pc.laplace_eps) if self.pc.precondition else None
+        return g if w is None else g / w.to(g.dtype)
+
+    def _propose(self, best, g, e, velocity, eta, lp, nu):
+        """The trial state and its step (the velocity to keep with momentum; None without)."""
+        step = self._direction(g, e, lp, nu)
+        if velocity is not None:
+            step = step + self.pc.state_momentum * velocity
+        return best - eta * step.to(best.dtype), (step if velocity is not None else None)
+
+    def _measure(self, x, mu, lp, nu):
+        """At a trial: the error, ε = ∂ρ/∂e, each row's Σρ (B,), and −ε as the cotangent of μ."""
+        e = x - mu.to(x.dtype)
+        w = _curvature(e, lp, nu, self.pc.error, self.pc.laplace_eps)
+        eps = e if w is None else w * e
+        rows = _rho(e, lp, nu, self.pc.error, self.pc.laplace_eps).sum(-1)
+        return e, eps, rows, (-eps).to(mu.dtype)
+
+    @staticmethod
+    def _accept(keep, grad, grad_old, eps=None, trial=None, best=None, err=None, err_old=None, step=None,
+                velocity=None):
+        """Keep the trial where `keep` (B, 1, 1), the old values elsewhere; the trial's gradient
+        is its VJP part `grad` plus the own-error term `eps`."""
+        out = [torch.where(keep, grad if eps is None else grad + eps, grad_old)]
+        if trial is not None:
+            out += [torch.where(keep, trial, best), torch.where(keep, err, err_old)]
+            out.append(None if velocity is None else torch.where(keep, step, velocity))
+        return out
+
+    def _judge(self, e_try, energy, eta, rejected):
+        """Per row: accept unless the energy rises beyond rounding (16 ulp: a strict test would
+        reject converged steps at random); halve the step after a rejection, grow it back by
+        1.2x (up to state_lr) after a success (doubling back re-tried the rejected step every
+        other step: half the tries wasted in a test over π in 0.1..100; 1.2x: about one in four)."""
+        ok = e_try <= energy + 16 * torch.finfo(e_try.dtype).eps * energy.abs()
+        keep = ok.view(-1, 1, 1)
+        eta = torch.where(keep, (1.2 * eta).clamp(max=self.pc.state_lr), 0.5 * eta)
+        return ok, torch.where(ok, e_try, energy), eta, rejected + (~ok).sum()
 
 
 # ---------------------------------------------------------------------------- one batch
@@ -427,6 +498,12 @@ class Settled:
     """fixed_predictions: (forward predictions with their graph, the leaves they read, CE)."""
     rejected: torch.Tensor | None = None
     """Free predictions: tried steps that would have raised a sequence's energy (0-d)."""
+    grads: list[torch.Tensor] | None = None
+    """Free predictions: the states' gradient ∂(N·E)/∂x_l at the settled states (the pathway's
+    dynamics), kept from the last accepted try of each sequence."""
+    reached: int = 0
+    """The lowest layer the error wave reached: below it every state is still the forward
+    pass's and every error exactly zero, so those blocks' weights get no gradient."""
 
 
 def _momentum_step(states, directions, velocity, pc, lo: int = 0) -> list[torch.Tensor]:
@@ -468,10 +545,22 @@ def settle(model: PCGPT, idx: torch.Tensor, targets: torch.Tensor, *, label_smoo
 def _settle_free(batch: _Batch, T: int, trace: bool) -> Settled:
     """Settling on the true energy (predictions recomputed from the current states), with
     per-sequence backtracking so that no sequence's energy ever rises."""
-    pc, L = batch.pc, batch.L
+    pc, L, fused = batch.pc, batch.L, batch.model._step_math
     mu0 = batch.first_prediction()  # graph kept: layer 0's local gradient needs it
-    with torch.no_grad():
-        fwd = batch.forward_states(mu0.detach())
+    # The forward pass. The block at the error wave's front (block L−1−t at step t) still
+    # reads its forward input when the wave reaches it, so its forward graph (input
+    # gradients only) is kept for that step's VJP instead of being recomputed.
+    wave = range(max(1, L - T), L)
+    fwd, held = [batch.as_state(mu0.detach())], {}
+    for layer in range(1, L):
+        if layer in wave:
+            leaf = fwd[-1].detach().requires_grad_()
+            mu = batch.predict_for_states(layer, leaf)
+            held[layer] = (leaf, mu)
+        else:
+            with torch.no_grad():
+                mu = batch.predict(layer, fwd[-1])
+        fwd.append(batch.as_state(mu.detach()))
     # At the forward pass every e_l is exactly 0 and ρ'(0) = 0, so the only gradient is the
     # output term's: one backward through the head instead of through every block.
     top = fwd[-1].detach().requires_grad_()
@@ -488,86 +577,88 @@ def _settle_free(batch: _Batch, T: int, trace: bool) -> Settled:
     errors = [torch.zeros_like(s) for s in fwd]
     energy = ce_rows.detach() if feedback else torch.zeros_like(ce_rows.detach())  # (B,) N·E per row
     eta = torch.full((B, 1, 1), pc.state_lr, device=g_top.device, dtype=g_top.dtype)
-    velocity = [torch.zeros_like(s) for s in fwd]
+    velocity = [torch.zeros_like(s) if pc.state_momentum else None for s in fwd]
     rejected = torch.zeros((), device=g_top.device)
+    params = [batch.energy.at(l, detach=True) for l in range(L)]
     const, energy_trace, taken = batch.normalisers(fwd[0]).sum(), [], 0
-    slack = 16 * torch.finfo(g_top.dtype).eps
     for t in range(T):
         if trace:
             energy_trace.append(energy.sum() / batch.n + const)
         if _stop_early(pc, batch.residual(grads)):
             break
         lo = _reached(L, t + 1)  # the layers this step can move
-        d = batch.direction(grads, errors)
         with torch.no_grad():
-            step = {l: d[l] + pc.state_momentum * velocity[l] for l in range(lo, L)}
-            trial = best[:lo] + [best[l] - eta * step[l] for l in range(lo, L)]
-        e_try, g_try, err_try = _free_energy(batch, trial, mu0.detach(), lo)
+            tried = {l: fused.propose(best[l], grads[l], errors[l], velocity[l], eta, *params[l]) for l in range(lo, L)}
+        trial = best[:lo] + [tried[l][0] for l in range(lo, L)]
+        e_try, g_try, err_try, eps_try = _free_energy(batch, trial, mu0.detach(), lo, held, params)
         with torch.no_grad():
-            # never a rise beyond rounding (a strict test would reject converged steps at random)
-            ok = e_try <= energy + slack * energy.abs()                      # (B,)
+            ok, energy, eta, rejected = fused.judge(e_try, energy, eta, rejected)
             keep = ok.view(B, 1, 1)
             for l in range(max(0, lo - 1), L):
-                grads[l] = torch.where(keep, g_try[l], grads[l])
-            for l in range(lo, L):
-                best[l] = torch.where(keep, trial[l], best[l])
-                errors[l] = torch.where(keep, err_try[l], errors[l])
-                velocity[l] = torch.where(keep, step[l], velocity[l])
-            energy = torch.where(ok, e_try, energy)
-            # halve the step after a rejection, grow it back by 1.2x (up to state_lr) after a
-            # success: doubling back re-tried the rejected step every other step (half the
-            # tries wasted in a test over π in 0.1..100; 1.2x: about one in four)
-            eta = torch.where(keep, (1.2 * eta).clamp(max=pc.state_lr), 0.5 * eta)
-            rejected = rejected + (~ok).sum()
+                if l < lo:
+                    (grads[l],) = fused.accept(keep, g_try[l], grads[l])
+                else:
+                    grads[l], best[l], errors[l], velocity[l] = fused.accept(
+                        keep, g_try[l], grads[l], eps_try[l], trial[l], best[l], err_try[l], errors[l],
+                        tried[l][1], velocity[l])
         taken = t + 1
     if trace:
         energy_trace.append(energy.sum() / batch.n + const)
-    return Settled(best, taken, ce, before, energy_trace, mu0, rejected=rejected)
+    return Settled(best, taken, ce, before, energy_trace, mu0, rejected=rejected, grads=grads,
+                   reached=_reached(L, taken))
 
 
-def _free_energy(batch: _Batch, states: list[torch.Tensor], mu0: torch.Tensor, lo: int
-                 ) -> tuple[torch.Tensor, list, list]:
-    """Each sequence's N·E (without the normalisers), the states' gradient and the errors at
-    `states`, where only layers ≥ lo have left the forward pass: below them every error is
-    zero, so only blocks ≥ max(lo, 1) are recomputed (and differentiated into the state below)."""
-    pc, energy, L = batch.pc, batch.energy, batch.L
+def _free_energy(batch: _Batch, states: list[torch.Tensor], mu0: torch.Tensor, lo: int, held: dict, params: list
+                 ) -> tuple[torch.Tensor, list, list, list]:
+    """Each sequence's N·E (without the normalisers), and per layer the VJP part of the states'
+    gradient, the error and ε = ∂ρ/∂e at `states`, where only layers ≥ lo have left the
+    forward pass: below them every error is zero, so only blocks ≥ max(lo, 1) are recomputed
+    (and differentiated into the state below). Block lo reads its forward input: its graph
+    comes from `held` (the forward pass, used once) where there is one."""
+    pc, L, fused = batch.pc, batch.L, batch.model._step_math
     first = max(0, lo - 1)  # the lowest state with a gradient: top-down from layer lo
     leaves = [s if l < first else s.detach().requires_grad_() for l, s in enumerate(states)]
-    mus = {l: batch.predict_for_states(l, leaves[l - 1]) for l in range(max(1, lo), L)}
+    mus = {}
+    if lo in held:
+        leaves[lo - 1], mus[lo] = held.pop(lo)
+    for l in range(max(1, lo), L):
+        if l not in mus:
+            mus[l] = batch.predict_for_states(l, leaves[l - 1])
     if lo == 0:
         mus[0] = mu0
-    errors = {l: (leaves[l] - mus[l].to(leaves[l].dtype)).detach() for l in range(lo, L)}
-    eps = {l: energy.error_grad(errors[l], l) for l in range(lo, L)}
-    with torch.no_grad():
-        rows = sum(energy.error_energy(errors[l], l).sum(-1) for l in range(lo, L))
-    # The gradient: own error in closed form, plus top-down VJPs (`full`) and the output term.
-    outputs, cotangents = [], []
+    errors, eps, cotangents, rows = [None] * L, [None] * L, {}, 0
+    for l in range(lo, L):
+        errors[l], eps[l], r, cotangents[l] = fused.measure(leaves[l].detach(), mus[l].detach(), *params[l])
+        rows = rows + r
+    # The gradient: own error in closed form (ε, added by the caller), plus top-down VJPs
+    # (`full`) and the output term.
+    outputs, cots = [], []
     if pc.error_pathway == "full":
         outputs += [mus[l] for l in range(max(1, lo), L)]
-        cotangents += [-eps[l].to(mus[l].dtype) for l in range(max(1, lo), L)]
+        cots += [cotangents[l] for l in range(max(1, lo), L)]
     if pc.error_pathway != "no_output_feedback":
         ce_rows = batch.ce_rows(leaves[-1])
         rows = rows + ce_rows.detach()
         outputs.append(ce_rows.sum())
-        cotangents.append(None)
-    reached = torch.autograd.grad(outputs, leaves[first:], cotangents, allow_unused=True)
+        cots.append(None)
+    reached = torch.autograd.grad(outputs, leaves[first:], cots, allow_unused=True)
     grads: list = [None] * L
     for i, l in enumerate(range(first, L)):
-        g = torch.zeros_like(leaves[l]) if reached[i] is None else reached[i]
-        grads[l] = g + eps[l] if l in eps else g
-    return rows, grads, [errors.get(l) for l in range(L)]
+        grads[l] = torch.zeros_like(leaves[l]) if reached[i] is None else reached[i]
+    return rows, grads, errors, eps
 
 
 def _settle_fixed(batch: _Batch, T: int, trace: bool) -> Settled:
     """Settling under the fixed-prediction assumption: μ_l, their Jacobians and the output's
     softmax stay at the forward pass, so each step is one vector-Jacobian product through
-    the retained forward graph (only through the blocks the error wave has reached)."""
+    the retained forward graph (only through the blocks the error wave has reached; a graph
+    of input gradients only, the weights' come in the learning phase)."""
     pc, energy, L, energy_trace = batch.pc, batch.energy, batch.L, []
     mu0 = batch.first_prediction()
     leaves, mus = [], [mu0]
     for layer in range(L):
         if layer:
-            mus.append(batch.predict(layer, leaves[-1]))
+            mus.append(batch.predict_for_states(layer, leaves[-1]))
         leaves.append(batch.as_state(mus[-1]).detach().requires_grad_())
     ce = batch.ce(leaves[-1])
     (g_out,) = torch.autograd.grad(batch.n_beta * ce, leaves[-1], retain_graph=True)
@@ -601,7 +692,8 @@ def _settle_fixed(batch: _Batch, T: int, trace: bool) -> Settled:
         with torch.no_grad():
             layers = sum(energy.token_energy(x - mu.to(x.dtype), l).sum() for l, (x, mu) in enumerate(zip(states, held)))
             energy_trace.append(layers.float() / batch.n + pc.output_weight * ce.detach().float())
-    return Settled(states, taken, ce.detach(), before, energy_trace, mu0, (mus, leaves, ce))
+    return Settled(states, taken, ce.detach(), before, energy_trace, mu0, (mus, leaves, ce),
+                   reached=_reached(L, taken))
 
 
 # ---------------------------------------------------------------------------- gradients
@@ -630,33 +722,80 @@ def _gradients(objective: torch.Tensor, params, targets, grad_scale: float, n_be
 def _local_gradients(batch: _Batch, settled: Settled, params, grad_scale: float) -> tuple[_Evaluation, list]:
     """`pc`'s learning phase: ∂(E/β) at the settled states, each layer's input held constant.
 
-    Returns the evaluation at the settled states and the states' gradient there."""
+    Only the layers the error wave reached (≥ settled.reached) are evaluated: below them
+    every state is the forward pass's, every error exactly zero and every weight gradient
+    zero (their energy is the normaliser alone). Returns the evaluation at the settled
+    states and the states' gradient there."""
     if settled.forward is not None:
         return _local_gradients_fixed(batch, settled, params, grad_scale)
-    leaves = [x.detach().requires_grad_() for x in settled.states]
-    ev = batch.evaluate(leaves, settled.mu0, dynamics=True)
-    targets = batch.targets_of(leaves, ev)
-    # no_output_feedback: `dynamics` detached the top state from CE, so the head still
-    # learns from CE while the states' gradient leaves it out.
-    return ev, _gradients(ev.objective(batch.n_beta), params, targets, grad_scale, batch.n_beta)
+    states, lo = settled.states, settled.reached
+    mus = {l: batch.predict(l, states[l - 1]) for l in range(max(1, lo), batch.L)}  # inputs: constants
+    if lo == 0:
+        mus[0] = settled.mu0
+    ev = _settled_evaluation(batch, states, mus, batch.ce(states[-1]))
+    # no_output_feedback: the head still learns from CE; the states' gradient (the dynamics',
+    # from settling) leaves it out.
+    _gradients(ev.objective(batch.n_beta), params, [], grad_scale, batch.n_beta)
+    _zero_unreached(batch.model, lo)
+    return _detached(ev), settled.grads
+
+
+def _settled_evaluation(batch: _Batch, states: list, mus: dict, ce: torch.Tensor) -> _Evaluation:
+    """The energy at settled `states` with predictions `mus` of the reached layers (the
+    others: zero error, the normaliser alone, which keeps the precision's gradient)."""
+    errors, sums = [], []
+    for l, x in enumerate(states):
+        if l in mus:
+            errors.append(x - mus[l].to(x.dtype))
+            sums.append(batch.energy.token_energy(errors[-1], l).sum())
+        else:
+            errors.append(torch.zeros_like(x))
+            sums.append(x.new_zeros(()) + batch.energy.normaliser(l, x.shape[-1]) * x[..., 0].numel())
+    return _Evaluation([mus.get(l) for l in range(len(states))], errors, sums, ce)
+
+
+def _detached(ev: _Evaluation) -> _Evaluation:
+    return _Evaluation(ev.mus, [e.detach() for e in ev.errors], ev.layer_sums, ev.ce)
+
+
+def _zero_unreached(model: PCGPT, lo: int) -> None:
+    """Zero gradients (exact: their errors are zero) for the blocks below the error wave and,
+    when layer 0 was not reached, the embedding: what the optimizer would have got from the
+    whole energy, without computing it."""
+    unreached = list(model.blocks[:lo]) + ([model.wte] if lo > 0 else [])
+    for module in unreached:
+        for p in module.parameters():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
 
 
 def _local_gradients_fixed(batch: _Batch, settled: Settled, params, grad_scale: float):
-    mus, leaves, ce = settled.forward
-    errors = [x - mu.to(x.dtype) for x, mu in zip(settled.states, mus)]
-    # the errors carry the settled states (constants) against the forward predictions (with
-    # their parameter graph); CE stays at the forward pass: the head's gradient is backprop's
-    layer_sums = [batch.energy.token_energy(e, l).sum() for l, e in enumerate(errors)]
-    ev = _Evaluation(mus, [e.detach() for e in errors], layer_sums, ce)
-    # states' gradient at the settled point: own error + what reached the leaves (the
-    # top-down term, and CE's gradient at the top)
-    reached = _gradients(ev.objective(batch.n_beta), params, leaves, grad_scale, batch.n_beta)
-    eps = [batch.energy.error_grad(e.detach(), l) for l, e in enumerate(errors)]
-    if batch.pc.error_pathway == "bottom_up":
-        reached = [torch.zeros_like(r) for r in reached[:-1]] + [reached[-1]]
-    if batch.pc.error_pathway == "no_output_feedback":
-        reached[-1] = torch.zeros_like(reached[-1])
-    return ev, [e + r.to(e.dtype) for e, r in zip(eps, reached)]
+    """Fixed predictions: the settled states (constants) against the forward predictions, taken
+    again with the blocks' weights (settling's graph holds the states' VJPs only) and only for
+    the reached layers; CE stays at the forward pass, so the head's gradient is backprop's."""
+    fwd_mus, leaves, ce = settled.forward
+    L, lo = batch.L, settled.reached
+    inputs = {l: leaves[l - 1].detach().requires_grad_() for l in range(max(1, lo), L)}
+    mus = {l: batch.predict(l, inputs[l]) for l in inputs}
+    if lo == 0:
+        mus[0] = settled.mu0
+    ev = _settled_evaluation(batch, settled.states, mus, ce)
+    # the states' gradient at the settled point: own error + what reaches each state through
+    # the block above it (the top-down term) and CE's gradient at the top
+    targets = [inputs[l] for l in inputs] + [leaves[-1]]
+    reached = _gradients(ev.objective(batch.n_beta), params, targets, grad_scale, batch.n_beta)
+    _zero_unreached(batch.model, lo)
+    down = {l - 1: g for l, g in zip(inputs, reached[:-1])}
+    eps = [batch.energy.error_grad(e.detach(), l) for l, e in enumerate(ev.errors)]
+    grads = []
+    for l, e in enumerate(eps):
+        g = e
+        if batch.pc.error_pathway != "bottom_up" and l in down:
+            g = g + down[l].to(e.dtype)
+        if l == L - 1 and batch.pc.error_pathway != "no_output_feedback":
+            g = g + reached[-1].to(e.dtype)
+        grads.append(g)
+    return _detached(ev), grads
 
 
 # ---------------------------------------------------------------------------- algorithms
@@ -871,8 +1010,10 @@ class PCGPT(GPT):
         # Created after GPT.init_weights and drawing nothing from the RNG (PCEnergy's
         # reset_parameters), so a PC model's weights equal the baseline's for the same seed.
         self.pc_energy = PCEnergy(config)
-        # compile(): weight-free views of the blocks for the states' gradients (not submodules)
+        # compile(): weight-free views of the blocks for the states' gradients (not submodules),
+        # and settling's element-wise arithmetic fused
         object.__setattr__(self, "_state_blocks", None)
+        object.__setattr__(self, "_step_math", _StepMath(config.pc))
 
     def training_step(self, idx: torch.Tensor, targets: torch.Tensor, *, grad_scale: float = 1.0,
                       label_smoothing: float = 0.0, optimizer: torch.optim.Optimizer | None = None
@@ -905,6 +1046,7 @@ class PCGPT(GPT):
         for view in views:
             view.compile(**kwargs)
         object.__setattr__(self, "_state_blocks", views)
+        object.__setattr__(self, "_step_math", _StepMath(self.config.pc, compiled=True))
 
 
     def pc_diagnostics(self, idx: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:

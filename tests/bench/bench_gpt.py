@@ -32,6 +32,10 @@ same model (gaussian attention, head precision, as the PC-GPT default): `pc`
 (free predictions), `pc fixed` (fixed predictions), `ipc`, `settle`; ms, the
 ratio to bp and that ratio per (T+1), peak GiB (flat in T for pc and ipc).
 The Markdown table is printed last; --out writes the rows as JSON.
+
+`--profile` (with --pc-table): instead of timing, profile two uncaptured compiled
+steps of each PC case with torch.profiler and print where the GPU time goes (the
+top kernels by total CUDA time, kernel launches per step, GPU ms per step).
 """
 
 from __future__ import annotations
@@ -149,9 +153,32 @@ def pcgpt_case(shape: dict, mode: str, args, pc: dict | None = None, kernel: str
         with torch.autocast("cuda", dtype=torch.bfloat16):
             train_step(x, y, 1e-3)
 
+    if args.profile:
+        return profile(step, name, args.warmup)
     ms, host = time_steps(step, args.warmup, args.steps)
     return row(name or f"pcgpt{'' if mode == 'compile' else ' ' + mode}", shape, ms, host,
                flops_per_token(model.config))
+
+
+def profile(step, name: str, warmup: int, steps: int = 2) -> None:
+    """Print the kernels of `steps` uncaptured steps after `warmup` (where the GPU time goes)."""
+    from torch.profiler import ProfilerActivity
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.device_time_total for e in events) / 1e3 / steps
+    launches = sum(e.count for e in events) / steps
+    print(f"\n## {name}: {total:.2f} GPU ms of kernels per step, {launches:.0f} kernels per step")
+    print("| kernel | calls/step | ms/step | % |\n|---|---:|---:|---:|")
+    for e in sorted(events, key=lambda e: -e.device_time_total)[:25]:
+        ms = e.device_time_total / 1e3 / steps
+        print(f"| {e.key[:90]} | {e.count / steps:.0f} | {ms:.3f} | {100 * ms / total:.1f} |")
+    sys.stdout.flush()
 
 
 def row(name: str, shape: dict, ms: float, host: float, fpt: float) -> dict:
@@ -186,6 +213,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--profile", action="store_true", help="with --pc-table: profile, do not time")
+    ap.add_argument("--labels", nargs="+", default=["pc", "pc fixed", "ipc", "settle"],
+                    help="with --pc-table: which PC cases")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}", file=sys.stderr)
@@ -193,7 +223,8 @@ def main() -> None:
     for name in args.shapes:
         shape = SHAPES[name]
         if args.pc_table:
-            rows.append(guarded(pcgpt_case, shape, "graph", args, None, "gaussian", name="bp graph"))
+            rows.append(guarded(pcgpt_case, shape, "compile" if args.profile else "graph", args, None, "gaussian",
+                                name="bp graph"))
             for T in args.T:
                 for label, pc, mode in (
                         ("pc", dict(algorithm="pc", settle_steps=T, state_lr=1.0, precision="layer"), "graph"),
@@ -201,7 +232,10 @@ def main() -> None:
                                           precision="layer"), "graph"),
                         ("ipc", dict(algorithm="ipc", settle_steps=T, state_lr=0.5), "graph"),
                         ("settle", dict(algorithm="settle", settle_steps=T, state_lr=0.5), "graph")):
-                    r = guarded(pcgpt_case, shape, mode, args, pc, "gaussian", name=f"{label} T={T}")
+                    if label not in args.labels:
+                        continue
+                    r = guarded(pcgpt_case, shape, "compile" if args.profile else mode, args, pc, "gaussian",
+                                name=f"{label} T={T}")
                     if r:
                         r["T"] = T
                     rows.append(r)

@@ -184,8 +184,10 @@ def test_gpu_cuda_graphs(kernel):
         return attention(q, k, v, KernelParams(kernel, log_lam.exp(), nu, log_mix, 1e-6), impl="triton")
 
     def step(forward):
+        # detached: a kept output with a grad_fn keeps the leaves' AccumulateGrad nodes alive
+        # from the default stream, and the capture below then refuses to wait on that stream
         y = forward(*args)
-        return [y.clone()] + list(torch.autograd.grad(y.float().square().sum(), args[:4]))
+        return [y.detach().clone()] + list(torch.autograd.grad(y.float().square().sum(), args[:4]))
 
     eager = step(forward)
     compiled = torch.compile(forward, mode="reduce-overhead")
