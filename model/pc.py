@@ -318,11 +318,14 @@ class _StepMath:
 
     def __init__(self, pc, compiled: bool = False):
         self.pc = pc
-        for name in ("propose", "measure", "accept", "judge"):
+        for name in ("propose", "measure", "accept", "judge", "error", "move"):
             fn = getattr(self, "_" + name)
             setattr(self, name, torch.compile(fn, dynamic=False) if compiled else fn)
 
     def _direction(self, g, e, lp, nu):
+        """The preconditioned direction w⁻¹·g (_Batch.direction); e None: at e = 0."""
+        if e is None:
+            e = g.new_zeros(())
         w = _curvature(e, lp, nu, self.pc.error, self.pc.laplace_eps) if self.pc.precondition else None
         return g if w is None else g / w.to(g.dtype)
 
@@ -332,6 +335,24 @@ class _StepMath:
         if velocity is not None:
             step = step + self.pc.state_momentum * velocity
         return best - eta * step.to(best.dtype), (step if velocity is not None else None)
+
+    def _error(self, x, mu, lp, nu):
+        """Fixed predictions: the error, ε = ∂ρ/∂e, and −ε as the cotangent of μ."""
+        e = x - mu.to(x.dtype)
+        w = _curvature(e, lp, nu, self.pc.error, self.pc.laplace_eps)
+        eps = e if w is None else w * e
+        return e, eps, (-eps).to(mu.dtype)
+
+    def _move(self, x, eps, down, top, e, velocity, lp, nu):
+        """Fixed predictions: one state's step from its gradient ε + J_{l+1}ᵀ(−ε_{l+1}) (+ the
+        output's at the top), any of them None where zero; the new state and velocity."""
+        g = None
+        for part in (eps, down, top):
+            if part is not None:
+                g = part.to(x.dtype) if g is None else g + part.to(x.dtype)
+        d = self._direction(torch.zeros_like(x) if g is None else g, e, lp, nu)
+        v = d if velocity is None else self.pc.state_momentum * velocity + d
+        return x - self.pc.state_lr * v, (v if velocity is not None else None)
 
     def _measure(self, x, mu, lp, nu):
         """At a trial: the error, ε = ∂ρ/∂e, each row's Σρ (B,), and −ε as the cotangent of μ."""
@@ -348,7 +369,8 @@ class _StepMath:
         is its VJP part `grad` plus the own-error term `eps`."""
         out = [torch.where(keep, grad if eps is None else grad + eps, grad_old)]
         if trial is not None:
-            out += [torch.where(keep, trial, best), torch.where(keep, err, err_old)]
+            out.append(torch.where(keep, trial, best))
+            out.append(None if err is None else torch.where(keep, err, err_old))
             out.append(None if velocity is None else torch.where(keep, step, velocity))
         return out
 
@@ -519,8 +541,9 @@ def _momentum_step(states, directions, velocity, pc, lo: int = 0) -> list[torch.
         return new
 
 
-def _stop_early(pc, residual: torch.Tensor) -> bool:
-    return pc.tol > 0 and residual.item() < pc.tol  # a host sync per step, only when asked for
+def _stop_early(pc, batch: _Batch, grads: list[torch.Tensor]) -> bool:
+    """Whether the residual is under `tol`: a host sync per step, only when asked for (tol > 0)."""
+    return pc.tol > 0 and batch.residual(grads).item() < pc.tol
 
 
 def _reached(L: int, t: int) -> int:
@@ -574,7 +597,8 @@ def _settle_free(batch: _Batch, T: int, trace: bool) -> Settled:
     B = batch.idx.size(0)
     best = list(fwd)
     grads = [torch.zeros_like(s) for s in fwd[:-1]] + [g_top]
-    errors = [torch.zeros_like(s) for s in fwd]
+    # the errors, for the step's curvature: a Gaussian's does not read them
+    errors = [torch.zeros_like(s) if pc.error != "gaussian" else None for s in fwd]
     energy = ce_rows.detach() if feedback else torch.zeros_like(ce_rows.detach())  # (B,) N·E per row
     eta = torch.full((B, 1, 1), pc.state_lr, device=g_top.device, dtype=g_top.dtype)
     velocity = [torch.zeros_like(s) if pc.state_momentum else None for s in fwd]
@@ -584,7 +608,7 @@ def _settle_free(batch: _Batch, T: int, trace: bool) -> Settled:
     for t in range(T):
         if trace:
             energy_trace.append(energy.sum() / batch.n + const)
-        if _stop_early(pc, batch.residual(grads)):
+        if _stop_early(pc, batch, grads):
             break
         lo = _reached(L, t + 1)  # the layers this step can move
         with torch.no_grad():
@@ -599,8 +623,8 @@ def _settle_free(batch: _Batch, T: int, trace: bool) -> Settled:
                     (grads[l],) = fused.accept(keep, g_try[l], grads[l])
                 else:
                     grads[l], best[l], errors[l], velocity[l] = fused.accept(
-                        keep, g_try[l], grads[l], eps_try[l], trial[l], best[l], err_try[l], errors[l],
-                        tried[l][1], velocity[l])
+                        keep, g_try[l], grads[l], eps_try[l], trial[l], best[l],
+                        None if errors[l] is None else err_try[l], errors[l], tried[l][1], velocity[l])
         taken = t + 1
     if trace:
         energy_trace.append(energy.sum() / batch.n + const)
@@ -667,31 +691,40 @@ def _settle_fixed(batch: _Batch, T: int, trace: bool) -> Settled:
     before = batch.energies_at_forward(ce, leaves[0])
     held = [mu.detach() for mu in mus]
     states = [x.detach() for x in leaves]
-    velocity: list = [None] * L
-    taken = 0
+    velocity = [torch.zeros_like(x) if pc.state_momentum else None for x in states]
+    params = [energy.at(l, detach=True) for l in range(L)]
+    fused, const, taken = batch.model._step_math, batch.normalisers(leaves[0]).sum(), 0
     for t in range(T):
-        errors = [x - mu.to(x.dtype) for x, mu in zip(states, held)]
-        eps = [energy.error_grad(e, l) for l, e in enumerate(errors)]
-        grads = list(eps)
-        grads[-1] = grads[-1] + g_out
-        lo = max(1, _reached(L, t))  # blocks whose output error can be nonzero
+        moved = _reached(L, t)  # states that have left the forward pass: the only nonzero errors
+        lo = max(1, moved)      # blocks whose output error can be nonzero
+        with torch.no_grad():
+            err = {l: fused.error(states[l], held[l], *params[l]) for l in range(moved, L)}  # e, ε, −ε
+        down = {}
         if pc.error_pathway != "bottom_up" and lo < L:
             # top-down term −J_{l+1}ᵀ ε_{l+1}, all reached layers in one backward through the forward graph
-            down = torch.autograd.grad(mus[lo:], leaves[lo - 1:-1],
-                                       [-eps[l].to(mus[l].dtype) for l in range(lo, L)], retain_graph=True)
-            for i, d in enumerate(down):
-                grads[lo - 1 + i] = grads[lo - 1 + i] + d.to(grads[lo - 1 + i].dtype)
+            vjp = torch.autograd.grad(mus[lo:], leaves[lo - 1:-1], [err[l][2] for l in range(lo, L)],
+                                      retain_graph=True)
+            down = {lo - 1 + i: d for i, d in enumerate(vjp)}
         if trace:
-            layers = sum(energy.token_energy(e, l).sum() for l, e in enumerate(errors)) / batch.n
-            energy_trace.append((layers.float() + pc.output_weight * ce.detach().float()))
-        if _stop_early(pc, batch.residual(grads)):
-            break
-        states = _momentum_step(states, batch.direction(grads, errors), velocity, pc, lo=_reached(L, t + 1))
+            with torch.no_grad():
+                layers = sum(energy.error_energy(err[l][0], l).sum() for l in err) / batch.n
+            energy_trace.append(layers.float() + const + pc.output_weight * ce.detach().float())
+        if pc.tol > 0:
+            grads = [torch.zeros_like(x) for x in states]
+            for l, g in [(l, e[1]) for l, e in err.items()] + list(down.items()) + [(L - 1, g_out)]:
+                grads[l] = grads[l] + g.to(grads[l].dtype)
+            if _stop_early(pc, batch, grads):
+                break
+        with torch.no_grad():
+            for l in range(_reached(L, t + 1), L):
+                e, eps = err[l][:2] if l in err else (None, None)
+                states[l], velocity[l] = fused.move(states[l], eps, down.get(l), g_out if l == L - 1 else None,
+                                                    e, velocity[l], *params[l])
         taken = t + 1
     if trace:
         with torch.no_grad():
-            layers = sum(energy.token_energy(x - mu.to(x.dtype), l).sum() for l, (x, mu) in enumerate(zip(states, held)))
-            energy_trace.append(layers.float() / batch.n + pc.output_weight * ce.detach().float())
+            layers = sum(energy.error_energy(x - mu.to(x.dtype), l).sum() for l, (x, mu) in enumerate(zip(states, held)))
+            energy_trace.append(layers.float() / batch.n + const + pc.output_weight * ce.detach().float())
     return Settled(states, taken, ce.detach(), before, energy_trace, mu0, (mus, leaves, ce),
                    reached=_reached(L, taken))
 
@@ -818,6 +851,9 @@ def training_step(model: PCGPT, idx: torch.Tensor, targets: torch.Tensor, *, gra
 
 
 def _settled_eps(batch: _Batch, ev: _Evaluation) -> list[torch.Tensor]:
+    """The settled ε_l for PCEnergy.observe (`variance` precision only: none otherwise)."""
+    if not hasattr(batch.energy, "error_var"):
+        return []
     return [batch.energy.error_grad(e.detach(), l) for l, e in enumerate(ev.errors)]
 
 
@@ -872,7 +908,7 @@ def _settle_unrolled(model, idx, targets, grad_scale, label_smoothing):
             ev = batch.evaluate(states, mu0, dynamics=True)
             errors = ev.errors
             grads = torch.autograd.grad(ev.summed(batch.n_beta), batch.targets_of(states, ev), create_graph=True)
-        if _stop_early(pc, batch.residual(grads)):
+        if _stop_early(pc, batch, grads):
             break
         d = batch.direction(list(grads), errors)
         velocity = [g if v is None or pc.state_momentum == 0 else pc.state_momentum * v + g
@@ -902,7 +938,7 @@ def _settle_free_from(batch: _Batch, mu0: torch.Tensor, states: list[torch.Tenso
         ev = batch.evaluate(leaves, mu0, dynamics=True)
         grads = torch.autograd.grad(ev.summed(batch.n_beta), batch.targets_of(leaves, ev))
         states = [s.detach() for s in leaves]
-        if _stop_early(batch.pc, batch.residual(grads)):
+        if _stop_early(batch.pc, batch, grads):
             break
         states = _momentum_step(states, batch.direction(list(grads), [e.detach() for e in ev.errors]),
                                 velocity, batch.pc)
@@ -932,7 +968,7 @@ def _ipc_step(model, idx, targets, grad_scale, label_smoothing, optimizer):
         ev = batch.evaluate(leaves, batch.first_prediction(), dynamics=True)
         state_grads = _gradients(ev.objective(batch.n_beta), params, batch.targets_of(leaves, ev),
                                  grad_scale, batch.n_beta)
-        if t == pc.settle_steps or _stop_early(pc, batch.residual(state_grads)):
+        if t == pc.settle_steps or _stop_early(pc, batch, state_grads):
             break
         optimizer.step()   # the inner weight step (not clipped: clipping is the caller's, at its step)
         for p in params:
