@@ -318,9 +318,11 @@ class _StepMath:
 
     def __init__(self, pc, compiled: bool = False):
         self.pc = pc
-        for name in ("propose", "measure", "accept", "judge", "error", "move"):
+        for name in ("propose", "measure", "accept", "judge", "error", "move", "gradient"):
             fn = getattr(self, "_" + name)
             setattr(self, name, torch.compile(fn, dynamic=False) if compiled else fn)
+        # the per-step diagnostics: a few dozen reductions and scalar ops, fused too
+        self.diagnostics = torch.compile(_diagnostics, dynamic=False) if compiled else _diagnostics
 
     def _direction(self, g, e, lp, nu):
         """The preconditioned direction w⁻¹·g (_Batch.direction); e None: at e = 0."""
@@ -353,6 +355,15 @@ class _StepMath:
         d = self._direction(torch.zeros_like(x) if g is None else g, e, lp, nu)
         v = d if velocity is None else self.pc.state_momentum * velocity + d
         return x - self.pc.state_lr * v, (v if velocity is not None else None)
+
+    def _gradient(self, e, down, top, lp, nu):
+        """The states' gradient ε + (the top-down term) + (the output's), None where zero."""
+        w = _curvature(e, lp, nu, self.pc.error, self.pc.laplace_eps)
+        g = e if w is None else w * e
+        for part in (down, top):
+            if part is not None:
+                g = g + part.to(g.dtype)
+        return g
 
     def _measure(self, x, mu, lp, nu):
         """At a trial: the error, ε = ∂ρ/∂e, each row's Σρ (B,), and −ε as the cotangent of μ."""
@@ -818,17 +829,12 @@ def _local_gradients_fixed(batch: _Batch, settled: Settled, params, grad_scale: 
     targets = [inputs[l] for l in inputs] + [leaves[-1]]
     reached = _gradients(ev.objective(batch.n_beta), params, targets, grad_scale, batch.n_beta)
     _zero_unreached(batch.model, lo)
-    down = {l - 1: g for l, g in zip(inputs, reached[:-1])}
-    eps = [batch.energy.error_grad(e.detach(), l) for l, e in enumerate(ev.errors)]
-    grads = []
-    for l, e in enumerate(eps):
-        g = e
-        if batch.pc.error_pathway != "bottom_up" and l in down:
-            g = g + down[l].to(e.dtype)
-        if l == L - 1 and batch.pc.error_pathway != "no_output_feedback":
-            g = g + reached[-1].to(e.dtype)
-        grads.append(g)
-    return _detached(ev), grads
+    down = {l - 1: g for l, g in zip(inputs, reached[:-1])} if batch.pc.error_pathway != "bottom_up" else {}
+    top = reached[-1] if batch.pc.error_pathway != "no_output_feedback" else None
+    ev = _detached(ev)
+    grads = [batch.model._step_math.gradient(e, down.get(l), top if l == L - 1 else None,
+                                             *batch.energy.at(l, detach=True)) for l, e in enumerate(ev.errors)]
+    return ev, grads
 
 
 # ---------------------------------------------------------------------------- algorithms
@@ -862,7 +868,8 @@ def _pc_step(model, idx, targets, grad_scale, label_smoothing, optimizer):
     T = model.config.pc.settle_steps
     settled = (_settle_fixed if model.config.pc.fixed_predictions else _settle_free)(batch, T, False)
     ev, state_grads = _local_gradients(batch, settled, _trainable(model), grad_scale)
-    diag = _diagnostics(model, batch, settled.energy_before, ev, state_grads, settled.steps, settled.rejected)
+    diag = model._step_math.diagnostics(model, batch, settled.energy_before, ev, state_grads, settled.steps,
+                                        settled.rejected)
     return settled.loss, diag, _settled_eps(batch, ev)
 
 

@@ -170,6 +170,8 @@ def profile(step, name: str, warmup: int, steps: int = 2) -> None:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
+    stats = dict(torch._dynamo.utils.counters["stats"])
+    print(f"\n# dynamo after {warmup + steps} steps: {stats}")
     events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     total = sum(e.device_time_total for e in events) / 1e3 / steps
     launches = sum(e.count for e in events) / steps
