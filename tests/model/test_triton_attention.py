@@ -183,31 +183,33 @@ def test_gpu_cuda_graphs(kernel):
         log_mix = mix.log_softmax(-1) if kernel == "mixture" else None
         return attention(q, k, v, KernelParams(kernel, log_lam.exp(), nu, log_mix, 1e-6), impl="triton")
 
-    def step(forward):
-        # detached: a kept output with a grad_fn keeps the leaves' AccumulateGrad nodes alive
-        # from the default stream, and the capture below then refuses to wait on that stream
+    def step(forward, args):
         y = forward(*args)
         return [y.detach().clone()] + list(torch.autograd.grad(y.float().square().sum(), args[:4]))
 
-    eager = step(forward)
+    eager = step(forward, args)
     compiled = torch.compile(forward, mode="reduce-overhead")
     for _ in range(3):  # warm-up runs (autotuning happens there), then graph replays
-        out = step(compiled)
+        out = step(compiled, args)
     for a, b in zip(out, eager):
         assert rel(a, b) < 1e-3
+    # Fresh leaves for the hand capture: an autograd leaf's AccumulateGrad node remembers the
+    # stream it was created on, and one from the default stream that something above still
+    # keeps alive makes the captured backward wait on that stream, which capture forbids.
+    args = [x.detach().clone().requires_grad_(x.requires_grad) for x in args]
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        step(forward)
+        step(forward, args)
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = step(forward)
+        captured = step(forward, args)
     for x in args:  # fresh inputs in the same buffers: the replay must recompute
         with torch.no_grad():
             x.copy_(torch.randn_like(x) * 0.1 + x)
     graph.replay()
-    expected = step(forward)
+    expected = step(forward, args)
     torch.cuda.synchronize()
     for a, b in zip(captured, expected):
         assert rel(a, b) < 1e-3
