@@ -216,6 +216,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--profile", action="store_true", help="with --pc-table: profile, do not time")
+    ap.add_argument("--settle-max-T", type=int, default=1 << 30,
+                    help="with --pc-table: skip `settle` above this T (its memory and time grow with T)")
     ap.add_argument("--labels", nargs="+", default=["pc", "pc fixed", "ipc", "settle"],
                     help="with --pc-table: which PC cases")
     args = ap.parse_args()
@@ -234,7 +236,7 @@ def main() -> None:
                                           precision="layer"), "graph"),
                         ("ipc", dict(algorithm="ipc", settle_steps=T, state_lr=0.5), "graph"),
                         ("settle", dict(algorithm="settle", settle_steps=T, state_lr=0.5), "graph")):
-                    if label not in args.labels:
+                    if label not in args.labels or (label == "settle" and T > args.settle_max_T):
                         continue
                     r = guarded(pcgpt_case, shape, "compile" if args.profile else mode, args, pc, "gaussian",
                                 name=f"{label} T={T}")
