@@ -93,6 +93,10 @@ one layer per step, so before step t only the top t states have moved and only
 their errors are nonzero. Settling therefore recomputes (free predictions) or
 differentiates (fixed predictions) only the blocks that can see a nonzero
 error — exactly, not as an approximation — about half the work for T = n_layer.
+The learning phase likewise runs only the blocks the wave reached: below it
+every error, and so every weight gradient, is exactly zero (set, not computed).
+And the block at the wave's front still reads its forward input when the wave
+arrives, so its VJP reuses the forward pass's graph instead of a recomputation.
 
 The residual reported and compared with `tol` is the RMS over positions of the
 per-token gradient norm ‖∂(N·E)/∂x_{·,b,t}‖ across all layers.
@@ -148,9 +152,12 @@ division by β keeps the gradient's scale that of the loss, so one learning rate
 serves every β and the theory tests compare with backprop without rescaling.
 
 Compiling and CUDA graphs: `PCGPT.compile()` compiles each block and the
-head + loss (what settling calls), not only forward(). A step has static shapes
-and, with `tol` = 0, no host synchronisation, so model/step.py can capture it
-whole in one CUDA graph.
+head + loss (what settling calls), not only forward(), weight-free views of the
+blocks for the states' VJPs (input gradients only), and settling's per-layer
+element-wise arithmetic (`_StepMath`: one fused kernel where eager runs ~20). A
+step has static shapes and, with `tol` = 0, no host synchronisation, so
+model/step.py can capture it whole in one CUDA graph. BENCHMARKS.md has what
+each of these saves and where the step's time goes.
 """
 
 from __future__ import annotations
