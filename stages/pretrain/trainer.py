@@ -126,7 +126,9 @@ class Trainer:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "rng": rng_states(),
                 "state": {"step": self.iter_num, "tokens": self.tokens, "best_val": self.best_val,
-                          "curve": self.curve, "wall_s": self.wall_s, "last": self.last}}
+                          "curve": self.curve, "wall_s": self.wall_s, "last": self.last,
+                          # the last step's diagnostics: a run resumed at its end reports them
+                          "diag": {k: v.detach().cpu() for k, v in self.diag.items()}}}
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         self.model.load_state_dict(saved["model"])
@@ -135,6 +137,7 @@ class Trainer:
         s = saved["state"]
         self.iter_num, self.tokens, self.best_val = s["step"], s["tokens"], s["best_val"]
         self.curve, self.wall_s, self.last = s["curve"], s["wall_s"], s["last"]
+        self.diag = dict(s.get("diag", {}))
 
     def resume(self, folder: Path) -> Path | None:
         """Continue from the newest intact checkpoint of this config (`resume: auto`), or delete

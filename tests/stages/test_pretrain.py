@@ -182,6 +182,23 @@ def test_corrupt_checkpoint_is_skipped_with_a_warning(tmp_path):
         assert torch.equal(v, ref[k]), k
 
 
+def test_a_finished_pc_run_resumed_at_its_end_reports_the_same_metrics(tmp_path):
+    """Resuming from the checkpoint of the last step runs no step: the final metrics must still
+    be the last training step's diagnostics (kept in the checkpoint), not the last probe's and
+    not the attention precisions after the final update."""
+    root = workspace(tmp_path / "w", model={"attention": {"kernel": "gaussian", "precision": "head"}},
+                     train={"steps": 6, "save_every": 3, "eval_every": 3, "log_every": 2},
+                     runs={"r": {"pc": {"algorithm": "pc", "settle_steps": 2, "state_lr": 1.0,
+                                        "precision": "layer"}}})
+    cfg, paths = in_process(root, "r")
+    first = train(cfg, "r", paths, progress=False)
+    again = train(cfg, "r", paths, progress=False)  # resumes at step 6: nothing left to run
+    timing = ("wall_s", "perf/", "mem/")
+    keys = {k for k in first if not k.startswith(timing)}
+    assert any(k.startswith("pc/settle_residual") for k in keys) and any(k.startswith("attn/") for k in keys)
+    assert {k: again.get(k) for k in keys} == {k: first[k] for k in keys}
+
+
 def test_checkpoints_of_another_config_are_not_resumed(tmp_path):
     root = workspace(tmp_path / "w", train={"steps": 10, "save_every": 5})
     cfg, paths = in_process(root)
