@@ -317,11 +317,12 @@ def _curvature(e: torch.Tensor, lp: torch.Tensor | None, nu: torch.Tensor | None
 
 
 class _StepMath:
-    """The element-wise arithmetic of a free-prediction settling step, one layer per call.
+    """The element-wise arithmetic of a settling step (free and fixed predictions), one layer
+    per call, and the step's diagnostics.
 
     Plain functions, which PCGPT.compile() compiles into one fused kernel each: eager,
     one step of one layer is ~20 kernels over (B, T, C) fp32 tensors, which cost a
-    third of the PC step's GPU time at the char config (issue 10's profile)."""
+    third of the PC step's GPU time at the char config (BENCHMARKS.md, the PC step)."""
 
     def __init__(self, pc, compiled: bool = False):
         self.pc = pc
@@ -345,11 +346,15 @@ class _StepMath:
             step = step + self.pc.state_momentum * velocity
         return best - eta * step.to(best.dtype), (step if velocity is not None else None)
 
-    def _error(self, x, mu, lp, nu):
-        """Fixed predictions: the error, ε = ∂ρ/∂e, and −ε as the cotangent of μ."""
-        e = x - mu.to(x.dtype)
+    def _eps(self, e, lp, nu):
+        """ε = ∂ρ/∂e = w·e (PCEnergy.error_grad)."""
         w = _curvature(e, lp, nu, self.pc.error, self.pc.laplace_eps)
-        eps = e if w is None else w * e
+        return e if w is None else w * e
+
+    def _error(self, x, mu, lp, nu):
+        """The error at state x, ε, and −ε as the cotangent of μ."""
+        e = x - mu.to(x.dtype)
+        eps = self._eps(e, lp, nu)
         return e, eps, (-eps).to(mu.dtype)
 
     def _move(self, x, eps, down, top, e, velocity, lp, nu):
@@ -365,20 +370,16 @@ class _StepMath:
 
     def _gradient(self, e, down, top, lp, nu):
         """The states' gradient ε + (the top-down term) + (the output's), None where zero."""
-        w = _curvature(e, lp, nu, self.pc.error, self.pc.laplace_eps)
-        g = e if w is None else w * e
+        g = self._eps(e, lp, nu)
         for part in (down, top):
             if part is not None:
                 g = g + part.to(g.dtype)
         return g
 
     def _measure(self, x, mu, lp, nu):
-        """At a trial: the error, ε = ∂ρ/∂e, each row's Σρ (B,), and −ε as the cotangent of μ."""
-        e = x - mu.to(x.dtype)
-        w = _curvature(e, lp, nu, self.pc.error, self.pc.laplace_eps)
-        eps = e if w is None else w * e
-        rows = _rho(e, lp, nu, self.pc.error, self.pc.laplace_eps).sum(-1)
-        return e, eps, rows, (-eps).to(mu.dtype)
+        """At a trial: the error, ε, each row's Σρ (B,), and −ε as the cotangent of μ."""
+        e, eps, cotangent = self._error(x, mu, lp, nu)
+        return e, eps, _rho(e, lp, nu, self.pc.error, self.pc.laplace_eps).sum(-1), cotangent
 
     @staticmethod
     def _accept(keep, grad, grad_old, eps=None, trial=None, best=None, err=None, err_old=None, step=None,
@@ -630,7 +631,8 @@ def _settle_free(batch: _Batch, T: int, trace: bool) -> Settled:
             break
         lo = _reached(L, t + 1)  # the layers this step can move
         with torch.no_grad():
-            tried = {l: fused.propose(best[l], grads[l], errors[l], velocity[l], eta, *params[l]) for l in range(lo, L)}
+            tried = {l: fused.propose(best[l], grads[l], errors[l], velocity[l], eta, *params[l])
+                     for l in range(lo, L)}
         trial = best[:lo] + [tried[l][0] for l in range(lo, L)]
         e_try, g_try, err_try, eps_try = _free_energy(batch, trial, mu0.detach(), lo, held, params)
         with torch.no_grad():
@@ -741,7 +743,8 @@ def _settle_fixed(batch: _Batch, T: int, trace: bool) -> Settled:
         taken = t + 1
     if trace:
         with torch.no_grad():
-            layers = sum(energy.error_energy(x - mu.to(x.dtype), l).sum() for l, (x, mu) in enumerate(zip(states, held)))
+            layers = sum(energy.error_energy(x - mu.to(x.dtype), l).sum()
+                         for l, (x, mu) in enumerate(zip(states, held)))
             energy_trace.append(layers.float() / batch.n + const + pc.output_weight * ce.detach().float())
     return Settled(states, taken, ce.detach(), before, energy_trace, mu0, (mus, leaves, ce),
                    reached=_reached(L, taken))
