@@ -536,7 +536,8 @@ class Settled:
     mu0: torch.Tensor | None = None
     """Layer 0's prediction, with its parameter graph (for the local gradients)."""
     forward: tuple | None = None
-    """fixed_predictions: (forward predictions with their graph, the leaves they read, CE)."""
+    """fixed_predictions: (forward predictions with their graph of input gradients only, the
+    leaves they read, CE with its graph)."""
     rejected: torch.Tensor | None = None
     """Free predictions: tried steps that would have raised a sequence's energy (0-d)."""
     grads: list[torch.Tensor] | None = None
@@ -827,7 +828,7 @@ def _local_gradients_fixed(batch: _Batch, settled: Settled, params, grad_scale: 
     """Fixed predictions: the settled states (constants) against the forward predictions, taken
     again with the blocks' weights (settling's graph holds the states' VJPs only) and only for
     the reached layers; CE stays at the forward pass, so the head's gradient is backprop's."""
-    fwd_mus, leaves, ce = settled.forward
+    _, leaves, ce = settled.forward
     L, lo = batch.L, settled.reached
     inputs = {l: leaves[l - 1].detach().requires_grad_() for l in range(max(1, lo), L)}
     mus = {l: batch.predict(l, inputs[l]) for l in inputs}
